@@ -1,0 +1,259 @@
+"""The ``farmer`` command: thin argument parsing over the library.
+
+    farmer sample   [--checkpoint DIR] --n 64 --classes 0-9 --guidance 2.5 --out grid.png [--npz FILE]
+    farmer train    --preset mnist --data mnist --out runs/NAME [--steps N ...] [--set key=value ...]
+    farmer distill  --teacher DIR --out DIR [--steps N]
+    farmer eval     bpd|fid|classifier --checkpoint DIR ...
+    farmer data     prepare NAME
+    farmer presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+SHIPPED_CHECKPOINT = "checkpoints/mnist"
+
+
+def shipped_checkpoint() -> Path:
+    """The model the repository ships: ./checkpoints/mnist from a checkout, else the packaged copy."""
+    local = Path(__file__).resolve().parent.parent / SHIPPED_CHECKPOINT
+    if local.is_dir():
+        return local
+    packaged = Path(str(resources.files("farmer"))) / "assets" / "mnist"
+    if packaged.is_dir():
+        return packaged
+    raise FileNotFoundError(f"no shipped checkpoint found at {local}; pass --checkpoint DIR")
+
+
+def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
+    """'0-9', '3', '1,4,7' or '0-4,9' -> a list of class indices."""
+    if text is None:
+        return None
+    classes: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            classes.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ValueError(f"--classes must look like 0-9 or 1,4,7, got {text!r}") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} are out of range for a model with {num_classes} classes")
+    return classes
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes key=value, got {pair!r}")
+        result[key.replace("-", "_")] = _parse_value(value)
+    return result
+
+
+# Commands -----------------------------------------------------------------------------------------------
+def cmd_presets(args: argparse.Namespace) -> None:
+    from farmer import Farmer, FarmerConfig
+    from farmer.config import PRESETS
+
+    for name in PRESETS:
+        cfg = FarmerConfig.preset(name)
+        with torch.device("meta"):
+            model = Farmer(cfg)
+        flow = sum(p.numel() for p in model.flow.parameters())
+        prior = sum(p.numel() for p in model.prior.parameters())
+        print(f"{name:22s} {cfg.channels}×{cfg.image_size}² p={cfg.patch_size} N={cfg.num_tokens} "
+              f"d={cfg.token_dim} d_I={cfg.informative_dim}  AF {flow / 1e6:8.2f}M  AR {prior / 1e6:8.2f}M  "
+              f"total {(flow + prior) / 1e6:8.2f}M")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from farmer.data import prepare_dataset
+
+    print(prepare_dataset(args.name, args.root))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from farmer import FarmerConfig
+    from farmer.checkpoint import read_config
+    from farmer.train import TrainConfig, train
+
+    out = Path(args.out)
+    if (out / "LATEST").is_file() and args.preset is None:
+        # Resume with the stored configs; command-line training options still apply on top.
+        stored = read_config(out)
+        model_config = FarmerConfig.from_dict(stored["model"])
+        train_config = TrainConfig.from_dict(stored["train"])
+    else:
+        preset = args.preset or "mnist"
+        model_config = FarmerConfig.preset(preset)
+        train_config = TrainConfig.preset(preset)
+    model_config = model_config.replace(**_overrides(args.set))
+    options = {"data": args.data, "data_root": args.data_root, "steps": args.steps, "batch_size": args.batch_size,
+               "lr": args.lr, "warmup_steps": args.warmup_steps, "grad_accum": args.grad_accum, "seed": args.seed,
+               "precision": args.precision, "compile": args.compile or None, "sharding": args.sharding,
+               "num_workers": args.num_workers, "eval_every": args.eval_every, "sample_every": args.sample_every,
+               "save_every": args.save_every, "ema_decay": args.ema_decay}
+    train_config = dataclasses.replace(train_config, **{k: v for k, v in options.items() if v is not None})
+    result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at)
+    print(json.dumps(result, indent=2))
+
+
+def _guidance(args: argparse.Namespace):
+    from farmer.guidance import NaiveGuidance, ResamplingGuidance
+
+    if args.guidance is None or args.cfg == "none":
+        return None
+    if args.cfg == "naive":
+        return NaiveGuidance(scale=args.guidance)
+    return ResamplingGuidance(scale=args.guidance)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from farmer.checkpoint import load_model
+    from farmer.data import model_to_pixels
+    from farmer.images import save_grid, save_npz
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
+    model = load_model(checkpoint, map_location=args.device or "cpu")
+    cfg = model.config
+    classes = parse_classes(args.classes, cfg.num_classes) if cfg.conditional else None
+    if args.classes is not None and not cfg.conditional:
+        raise ValueError("--classes given, but the model is unconditional")
+    if classes:
+        per_class = max(1, args.n // len(classes))
+        labels = torch.tensor(classes).repeat_interleave(per_class)
+        nrow = per_class
+    else:
+        labels, nrow = None, max(1, int(args.n**0.5))
+    n = len(labels) if labels is not None else args.n
+    generator = torch.Generator(args.device or "cpu").manual_seed(args.seed)
+    device = next(model.parameters()).device
+    images = []
+    start = time.perf_counter()
+    with tqdm(total=n, desc="sampling", unit="img") as bar:
+        for lo in range(0, n, args.batch_size):
+            y = None if labels is None else labels[lo:lo + args.batch_size].to(device)
+            count = min(args.batch_size, n - lo)
+            batch = model.sample(count, y, generator, guidance=_guidance(args), variance_scale=args.variance_scale,
+                                 temperature=args.temperature, inverse=args.inverse)
+            images.append(model_to_pixels(batch).cpu())
+            bar.update(count)
+    pixels = torch.cat(images)
+    elapsed = time.perf_counter() - start
+    path = save_grid(pixels, args.out, nrow=nrow, scale=args.scale)
+    print(f"wrote {path} ({n} images from {checkpoint}, {elapsed:.1f} s, {n / elapsed:.1f} img/s)")
+    if args.npz:
+        print(f"wrote {save_npz(pixels, args.npz, labels)}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from farmer.checkpoint import load_model
+    from farmer.data import make_dataset
+    from farmer.train import evaluate_bpd
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
+    model = load_model(checkpoint, ema=not args.raw_weights, map_location=args.device or "cpu")
+    if args.metric == "bpd":
+        dataset = make_dataset(args.data, args.split, args.data_root, model.config.image_size)
+        bpd = evaluate_bpd(model, dataset, batch_size=args.batch_size, max_images=args.max_images, progress=True)
+        n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+        print(json.dumps({"checkpoint": str(checkpoint), "data": args.data, "split": args.split,
+                          "images": n, "bits_per_dim": bpd}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farmer", description="FARMER: Flow AutoRegressive Transformer over Pixels")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list the named model sizes with their parameter counts")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("data", help="fetch and verify a named dataset")
+    p.add_argument("action", choices=["prepare"])
+    p.add_argument("name", choices=["mnist", "fashion-mnist", "digits"])
+    p.add_argument("--root", default=None, help="data directory (default: $FARMER_DATA or ~/.cache/farmer/data)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train a model (resumes if --out holds a checkpoint); use torchrun for DDP/FSDP")
+    p.add_argument("--preset", default=None, help="model size preset (default mnist; omitted on resume)")
+    p.add_argument("--data", default=None, help="mnist, fashion-mnist, digits, or an image-folder path")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, samples/)")
+    for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--warmup-steps", int),
+                       ("--grad-accum", int), ("--seed", int), ("--num-workers", int), ("--eval-every", int),
+                       ("--sample-every", int), ("--save-every", int), ("--ema-decay", float),
+                       ("--stop-at", int)):
+        p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    p.add_argument("--sharding", choices=["ddp", "fsdp"], default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw a PNG grid (and optionally an .npz) from a checkpoint")
+    p.add_argument("--checkpoint", default=None, help="run or step directory (default: the shipped model)")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--classes", default=None, help="e.g. 0-9 or 1,4,7: one grid row per class")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale w (paper: 2.5); omit for no CFG")
+    p.add_argument("--cfg", choices=["resampling", "naive", "none"], default="resampling")
+    p.add_argument("--variance-scale", type=float, default=1.0, help="unguided s (paper: 0.9)")
+    p.add_argument("--temperature", type=float, default=1.0, help="unguided mixture-weight T (paper: 1.3)")
+    p.add_argument("--inverse", choices=["exact", "distilled"], default="exact")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--npz", default=None, help="also write uint8 NHWC images under arr_0")
+    p.add_argument("--scale", type=int, default=2, help="upscale the PNG grid by this factor")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("metric", choices=["bpd"])
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--raw-weights", action="store_true", help="use the raw instead of the EMA weights")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as err:
+        print(f"farmer: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

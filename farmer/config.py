@@ -1,0 +1,188 @@
+"""FarmerConfig: every size and switch of a FARMER model, validated, with JSON round-trip and named presets.
+
+The config travels inside every checkpoint (``config.json``), so a model can always be rebuilt from its
+weights' directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PERMUTATIONS = ("alternate", "reverse")
+PRIORS = ("ar", "normal")
+DEQUANTIZATIONS = ("gaussian", "uniform")
+
+
+@dataclass(frozen=True)
+class FarmerConfig:
+    # Data (spec §1): images C×H×W in [-1, 1], cut into p×p patches -> N tokens of d = C·p² channels.
+    image_size: int = 28
+    channels: int = 1
+    patch_size: int = 4
+    num_classes: int = 0  # 0 = unconditional
+    # Dequantisation used for training (spec §1); bits/dim is always evaluated with uniform noise.
+    dequantization: str = "gaussian"
+    noise_std_start: float = 0.1
+    noise_std_end: float = 0.005
+
+    # Autoregressive flow (spec §2).
+    flow_blocks: int = 2
+    flow_layers: int = 1
+    flow_width: int = 64
+    permutation: str = "alternate"  # "alternate": identity / flip per block (TARFlow); "reverse": flip in every block
+    log_scale_bound: float = 4.0  # log σ = c·tanh(a/c): bounded scales make every inverse finite
+
+    # AR prior (spec §3–4). prior="normal" replaces it by a standard normal: a plain TARFlow-style flow.
+    prior: str = "ar"
+    prior_layers: int = 1
+    prior_width: int = 64
+    informative_channels: int | None = None  # d_I; None = d (no dimension reduction)
+    informative_components: int = 4  # K_I
+    redundant_components: int = 4  # K_R
+    condition_repeat: int = 4  # M
+    final_permute: bool = True
+    label_dropout: float = 0.1  # drop to the null class, enables classifier-free guidance
+    min_mixture_scale: float = 1e-3
+
+    # Shared transformer shape.
+    head_dim: int = 64
+    mlp_ratio: int = 4
+
+    # Stored with the model: whether a distilled one-step inverse (spec §7) is attached.
+    distilled_inverse: bool = False
+
+    # Free-form provenance (preset name, notes); not used by the model.
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        errors = []
+        for key in ("image_size", "channels", "patch_size", "flow_blocks", "flow_layers", "flow_width",
+                    "prior_layers", "prior_width", "informative_components", "redundant_components",
+                    "condition_repeat", "head_dim", "mlp_ratio"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                errors.append(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            errors.append(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        if not errors and self.image_size % self.patch_size:
+            errors.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        for key, allowed in (("permutation", PERMUTATIONS), ("prior", PRIORS),
+                             ("dequantization", DEQUANTIZATIONS)):
+            if getattr(self, key) not in allowed:
+                errors.append(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not errors:
+            d = self.token_dim
+            if self.informative_channels is not None and not 1 <= self.informative_channels <= d:
+                errors.append(f"informative_channels must be in [1, {d}] (token_dim), got {self.informative_channels}")
+            for key in ("flow_width", "prior_width"):
+                if getattr(self, key) % min(self.head_dim, getattr(self, key)):
+                    errors.append(f"{key} {getattr(self, key)} must be a multiple of head_dim {self.head_dim}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            errors.append(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.log_scale_bound <= 0 or self.min_mixture_scale <= 0:
+            errors.append("log_scale_bound and min_mixture_scale must be > 0")
+        if not 0 < self.noise_std_end <= self.noise_std_start:
+            errors.append("noise stds must satisfy 0 < noise_std_end <= noise_std_start")
+        if errors:
+            raise ValueError("invalid FarmerConfig: " + "; ".join(errors))
+
+    # Derived sizes -------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        """N = (H/p)·(W/p)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        """d = C·p²."""
+        return self.channels * self.patch_size**2
+
+    @property
+    def num_dims(self) -> int:
+        """Data dimensions per image, N·d = C·H·W (the loss divides by it, spec §5)."""
+        return self.num_tokens * self.token_dim
+
+    @property
+    def informative_dim(self) -> int:
+        """d_I: the channels the AR models token by token (all of them for the normal prior)."""
+        if self.prior == "normal" or self.informative_channels is None:
+            return self.token_dim
+        return self.informative_channels
+
+    @property
+    def redundant_dim(self) -> int:
+        """d_R = d − d_I: the channels modelled by the one shared GMM (spec §3)."""
+        return self.token_dim - self.informative_dim
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    # Serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FarmerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FarmerConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FarmerConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> FarmerConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str) -> FarmerConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**PRESETS[name], name=name)
+
+
+# The paper's ImageNet-256 settings (spec §3, §8): d_I=128 of d=768 at p=16, K_I=64, K_R=200, M=64.
+# For p=8 (d=192) the paper does not say how the channels split; we keep its ratio d_I/d = 1/6, so
+# d_I = 32 of 192 (and d_I = 2 of 12 for the p=2 ImageNet-64 model).
+_IMAGENET256 = dict(image_size=256, channels=3, num_classes=1000, informative_components=64,
+                    redundant_components=200, condition_repeat=64, head_dim=64, flow_width=768)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Runs a training step in a fraction of a second on a laptop CPU; for tests and smoke runs.
+    "tiny": dict(image_size=8, channels=1, patch_size=2, num_classes=10, flow_blocks=2, flow_layers=1,
+                 flow_width=32, prior_layers=1, prior_width=32, informative_channels=2,
+                 informative_components=4, redundant_components=4, condition_repeat=2, head_dim=16),
+    # Class-conditional MNIST sized for 2 CPU cores: 7×7 tokens of 16 channels, 8 informative.
+    "mnist": dict(image_size=28, channels=1, patch_size=4, num_classes=10, flow_blocks=4, flow_layers=2,
+                  flow_width=128, prior_layers=4, prior_width=128, informative_channels=8,
+                  informative_components=16, redundant_components=32, condition_repeat=8, head_dim=32),
+    "imagenet256-1.1b-p16": dict(_IMAGENET256, patch_size=16, flow_blocks=28, flow_layers=4,
+                                 prior_layers=12, prior_width=768, informative_channels=128),
+    "imagenet256-1.1b-p8": dict(_IMAGENET256, patch_size=8, flow_blocks=28, flow_layers=4,
+                                prior_layers=12, prior_width=768, informative_channels=32),
+    "imagenet256-1.9b-p16": dict(_IMAGENET256, patch_size=16, flow_blocks=32, flow_layers=6,
+                                 prior_layers=24, prior_width=1024, informative_channels=128),
+    "imagenet256-1.9b-p8": dict(_IMAGENET256, patch_size=8, flow_blocks=32, flow_layers=6,
+                                prior_layers=24, prior_width=1024, informative_channels=32),
+    # Unconditional ImageNet-64 likelihood model (supplementary Tab. 6): uniform dequantisation.
+    "imagenet64-556m": dict(image_size=64, channels=3, patch_size=2, num_classes=0, dequantization="uniform",
+                            flow_blocks=16, flow_layers=4, flow_width=768, prior_layers=12, prior_width=768,
+                            informative_channels=2, informative_components=64, redundant_components=200,
+                            condition_repeat=64, head_dim=64),
+}

@@ -1,0 +1,226 @@
+"""Diagonal Gaussian mixtures: the per-token densities of the AR prior (spec §4).
+
+    p(z | h) = Σ_k π_k(h) N(z; μ_k(h), diag σ_k(h)²),    π = softmax(logits)
+
+One joint mixture over the whole token vector (not channel by channel). All arithmetic is fp32 and the
+log-density is a log-sum-exp over components, so it stays finite far from every component.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOG_2PI = math.log(2 * math.pi)
+# Upper bound on the (…, K, D) intermediate of one log_prob chunk: a large candidate pool (guidance of the
+# shared redundant mixture, spec §6) would otherwise materialise pool × batch × K × D floats at once.
+_LOG_PROB_CHUNK_ELEMENTS = 1 << 25
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+@dataclass(frozen=True, eq=False)
+class DiagonalMixture:
+    """A batch of K-component diagonal Gaussian mixtures over D dims.
+
+    logits (*batch, K) are unnormalised log mixture weights; means and scales (standard deviations, > 0)
+    are (*batch, K, D). Floating inputs are stored as fp32. Values are not checked (that would force a
+    device sync per AR step); :class:`MixtureHead` guarantees scales >= its floor.
+    """
+
+    logits: Tensor
+    means: Tensor
+    scales: Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("logits", "means", "scales"):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            object.__setattr__(self, name, t.float())
+        if self.logits.ndim < 1:
+            raise ValueError("logits must have shape (*batch, K), got a scalar")
+        if self.means.shape != self.scales.shape:
+            raise ValueError(f"means {tuple(self.means.shape)} and scales {tuple(self.scales.shape)} differ")
+        if self.means.ndim != self.logits.ndim + 1 or self.means.shape[:-1] != self.logits.shape:
+            raise ValueError(
+                f"means must be (*batch, K, D) for logits (*batch, K) = {tuple(self.logits.shape)}, "
+                f"got {tuple(self.means.shape)}"
+            )
+        if self.num_components < 1 or self.dim < 1:
+            raise ValueError(f"need K >= 1 and D >= 1, got K={self.num_components}, D={self.dim}")
+        if not (self.logits.device == self.means.device == self.scales.device):
+            raise ValueError("logits, means and scales must be on one device")
+
+    @property
+    def num_components(self) -> int:
+        return self.logits.shape[-1]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.logits.shape[:-1]
+
+    # Density -----------------------------------------------------------------------------------------
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) in nats (fp32). z (..., D) broadcasts against batch_shape (right-aligned, as in NumPy),
+        so extra leading dims are sample dims: z (S, *batch, D) -> (S, *batch)."""
+        if z.ndim < 1 or z.shape[-1] != self.dim:
+            raise ValueError(f"z must end with D={self.dim} channels, got shape {tuple(z.shape)}")
+        try:
+            out_shape = torch.broadcast_shapes(z.shape[:-1], self.batch_shape)
+        except RuntimeError as e:
+            raise ValueError(
+                f"z {tuple(z.shape)} does not broadcast against batch shape {tuple(self.batch_shape)}"
+            ) from e
+        z = z.float()
+        # Per-component constant: log π_k − Σ_d log σ_kd − D/2 log 2π.
+        offset = F.log_softmax(self.logits, dim=-1) - self.scales.log().sum(dim=-1) - 0.5 * self.dim * LOG_2PI
+        elements = math.prod(out_shape) * self.num_components * self.dim
+        has_sample_dim = z.ndim - 1 > len(self.batch_shape)
+        if not has_sample_dim or elements <= _LOG_PROB_CHUNK_ELEMENTS:
+            return self._log_prob(z, offset)
+        rows = max(1, z.shape[0] * _LOG_PROB_CHUNK_ELEMENTS // elements)
+        return torch.cat([self._log_prob(part, offset) for part in z.split(rows, dim=0)])
+
+    def _log_prob(self, z: Tensor, offset: Tensor) -> Tensor:
+        sq = ((z.unsqueeze(-2) - self.means) / self.scales).square().sum(dim=-1)  # (..., K)
+        return torch.logsumexp(offset - 0.5 * sq, dim=-1)
+
+    # Sampling ----------------------------------------------------------------------------------------
+    def sample(self, sample_shape: tuple[int, ...] = (), generator: torch.Generator | None = None) -> Tensor:
+        """Draw (*sample_shape, *batch, D): a component from softmax(logits), then mean + scale · ε.
+
+        Finite whenever the parameters are: no rejection or redraw step is involved.
+        """
+        sample_shape = tuple(sample_shape)
+        if any(int(s) < 0 for s in sample_shape):
+            raise ValueError(f"sample_shape must be non-negative, got {sample_shape}")
+        num_samples = math.prod(sample_shape)
+        k, d = self.num_components, self.dim
+        out_shape = (*sample_shape, *self.batch_shape, d)
+        rows = math.prod(self.batch_shape)
+        if num_samples == 0 or rows == 0:
+            return self.means.new_zeros(out_shape)
+        probs = torch.softmax(self.logits, dim=-1).reshape(rows, k)
+        comp = torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # (rows, S)
+        # gather, not reshape: the parameters may be a broadcast view (expand_tokens) that must not be copied.
+        index = comp.view(*self.batch_shape, num_samples, 1).expand(*self.batch_shape, num_samples, d)
+        mean = self.means.gather(-2, index)
+        scale = self.scales.gather(-2, index)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + scale * eps).movedim(-2, 0).reshape(out_shape)
+
+    def tempered(self, weight_temperature: float = 1.0, std_scale: float = 1.0) -> DiagonalMixture:
+        """logits / weight_temperature (T > 1 flattens the weights), every std times std_scale."""
+        _check_positive("weight_temperature", weight_temperature)
+        _check_positive("std_scale", std_scale)
+        return DiagonalMixture(self.logits / weight_temperature, self.means, self.scales * std_scale)
+
+    def decoupled(self, variance_scale: float = 1.0, temperature: float = 1.0) -> DiagonalMixture:
+        """Decoupled unguided sampling (supplementary §7): the Gaussian VARIANCE times s (s < 1 sharpens),
+        the weight logits divided by T (T > 1 diversifies); paper: s = 0.9, T = 1.3."""
+        _check_positive("variance_scale", variance_scale)
+        return self.tempered(temperature, math.sqrt(variance_scale))
+
+    # Batch manipulation ------------------------------------------------------------------------------
+    def __getitem__(self, idx: object) -> DiagonalMixture:
+        """Index the batch dims only (ints, slices, None, index tensors); K and D are never indexed."""
+        items = idx if isinstance(idx, tuple) else (idx,)
+        consumed = 0
+        for item in items:
+            if item is Ellipsis:
+                raise IndexError("Ellipsis is ambiguous for a mixture (it could reach K and D)")
+            if item is None:
+                continue
+            consumed += item.ndim if isinstance(item, Tensor) and item.dtype == torch.bool else 1
+        if consumed > len(self.batch_shape):
+            raise IndexError(f"{consumed} indices for a mixture with batch shape {tuple(self.batch_shape)}")
+        return DiagonalMixture(self.logits[idx], self.means[idx], self.scales[idx])
+
+    def chunk(self, chunks: int, dim: int = 0) -> tuple[DiagonalMixture, ...]:
+        """Split batch dim ``dim`` like Tensor.chunk (e.g. the conditional and null halves of a 2B batch)."""
+        nb = len(self.batch_shape)
+        if not -nb <= dim < nb:
+            raise ValueError(f"dim {dim} is not a batch dim of batch shape {tuple(self.batch_shape)}")
+        dim %= nb
+        parts = zip(
+            self.logits.chunk(chunks, dim),
+            self.means.chunk(chunks, dim),
+            self.scales.chunk(chunks, dim),
+            strict=True,
+        )
+        return tuple(DiagonalMixture(*p) for p in parts)
+
+    def expand_tokens(self, num_tokens: int) -> DiagonalMixture:
+        """(*batch) -> (*batch, num_tokens): one mixture shared by num_tokens tokens (a view, no copy), e.g.
+        the shared redundant mixture of spec §3 laid out like the per-token ones."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        nb = len(self.batch_shape)
+        k, d = self.num_components, self.dim
+        return DiagonalMixture(
+            self.logits.unsqueeze(nb).expand(*self.batch_shape, num_tokens, k),
+            self.means.unsqueeze(nb).expand(*self.batch_shape, num_tokens, k, d),
+            self.scales.unsqueeze(nb).expand(*self.batch_shape, num_tokens, k, d),
+        )
+
+
+class MixtureHead(nn.Module):
+    """Linear head from a hidden state to a K-component mixture over ``dim`` channels (spec §4).
+
+    One Linear(width, K·(2·dim + 1)) whose output is laid out [K logits | K·dim means | K·dim raw scales];
+    scale = min_scale + softplus(raw).
+    """
+
+    def __init__(self, width: int, dim: int, components: int, min_scale: float = 1e-3) -> None:
+        super().__init__()
+        for name, value in (("width", width), ("dim", dim), ("components", components)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 < min_scale < 1:
+            raise ValueError(f"min_scale must be in (0, 1) so the initial std can be 1, got {min_scale}")
+        self.width, self.dim, self.components, self.min_scale = width, dim, components, min_scale
+        self.proj = nn.Linear(width, components * (2 * dim + 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero weight, so the initial mixture is the same for every input (spec §4: zero-initialised head).
+
+        Bias: logits 0 (equal weights); raw scales at softplus⁻¹(1 − min_scale) so every initial std is
+        exactly 1; means drawn N(0, 1). The means must differ: with a zero weight, components with identical
+        parameters receive identical gradients forever and the mixture could never separate them.
+        """
+        k, d = self.components, self.dim
+        nn.init.zeros_(self.proj.weight)
+        with torch.no_grad():
+            bias = self.proj.bias
+            bias[:k].zero_()
+            bias[k : k + k * d].normal_()
+            bias[k + k * d :].fill_(math.log(math.expm1(1.0 - self.min_scale)))  # softplus⁻¹(1 − min_scale)
+
+    def forward(self, h: Tensor) -> DiagonalMixture:
+        """h (*batch, width) -> mixture with batch shape *batch."""
+        if h.ndim < 1 or h.shape[-1] != self.width:
+            raise ValueError(f"h must be (*batch, {self.width}), got shape {tuple(h.shape)}")
+        # fp32 even under autocast: bf16 would quantise the means to ~3 significant digits, coarser than the
+        # small scales the mixtures learn; the head is one small matmul (spec §4: density math in fp32).
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            out = F.linear(h.float(), self.proj.weight.float(), self.proj.bias.float())
+        k, d = self.components, self.dim
+        logits = out[..., :k]
+        means = out[..., k : k + k * d].unflatten(-1, (k, d))
+        scales = self.min_scale + F.softplus(out[..., k + k * d :].unflatten(-1, (k, d)))
+        return DiagonalMixture(logits, means, scales)

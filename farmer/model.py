@@ -1,0 +1,148 @@
+"""Farmer: pixels <-> patch tokens <-> flow latents <-> AR prior, with the exact log-likelihood (spec §1, §5).
+
+    −log p(x) = −Σ_i log p(z_i^I | z_{<i}^I, c) − Σ_i log p(z_i^R | Z^I, c) − Σ_t log|det ∂Z^t/∂Z^{t−1}|
+    loss      = −log p(x) / (N·d)      (nats per dimension, averaged over the batch)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from farmer.config import FarmerConfig
+from farmer.distill import DistilledInverse
+from farmer.flow import AutoregressiveFlow
+from farmer.prior import ARPrior, Guidance, StandardNormalPrior
+
+
+class Farmer(nn.Module):
+    def __init__(self, config: FarmerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.flow = AutoregressiveFlow(config)
+        self.prior = ARPrior(config) if config.prior == "ar" else StandardNormalPrior(config)
+        # The one-step student of spec §7 lives with the model so one checkpoint samples either way.
+        self.student = DistilledInverse(config) if config.distilled_inverse else None
+
+    # Pixels <-> tokens -------------------------------------------------------------------------------
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, N, d): row-major patches, channels ordered (row-in-patch, col-in-patch, C)."""
+        self.check_images(x, check_range=False)
+        b, c, h, w = x.shape
+        p = self.config.patch_size
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        cfg = self.config
+        expected = (cfg.num_tokens, cfg.token_dim)
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != expected:
+            raise ValueError(f"tokens must have shape (B, {expected[0]}, {expected[1]}), got {tuple(tokens.shape)}")
+        b, p, c = tokens.shape[0], cfg.patch_size, cfg.channels
+        side = cfg.image_size // p
+        x = tokens.reshape(b, side, side, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, cfg.image_size, cfg.image_size)
+
+    # Input checks -------------------------------------------------------------------------------------
+    def check_images(self, x: Tensor, check_range: bool = True) -> None:
+        cfg = self.config
+        expected = (cfg.channels, cfg.image_size, cfg.image_size)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be floating point in [-1, 1], got dtype {x.dtype} "
+                            "(convert uint8 pixels with farmer.data.pixels_to_model)")
+        if check_range:
+            if not torch.isfinite(x).all():
+                raise ValueError("images contain NaN or Inf")
+            # Gaussian dequantisation noise (σ up to 0.1) pushes pixels past [-1, 1]; beyond ±2 (10σ) the
+            # data is in the wrong units (e.g. 0..255).
+            if x.min() < -2 or x.max() > 2:
+                raise ValueError(f"images must lie in [-1, 1], got values in [{x.min():.3g}, {x.max():.3g}]")
+
+    def check_labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """Labels (B,) as long; None means the null class (unconditional)."""
+        cfg = self.config
+        if y is None:
+            return torch.full((batch,), cfg.num_classes, dtype=torch.long, device=device)
+        if not cfg.conditional:
+            raise ValueError("this model is unconditional (num_classes=0) but labels were given")
+        y = torch.as_tensor(y, device=device)
+        if y.is_floating_point() or y.is_complex():
+            raise TypeError(f"labels must be integers, got dtype {y.dtype}")
+        if y.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), got {tuple(y.shape)}")
+        if batch and (y.min() < 0 or y.max() >= cfg.num_classes):
+            raise ValueError(f"labels must be in [0, {cfg.num_classes - 1}], got [{y.min()}, {y.max()}]")
+        return y.long()
+
+    # Likelihood -------------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Images -> (Z^I (B, N, d_I), Z^R (B, N, d_R), flow log-det (B,)) in the prior's token order."""
+        z, logdet = self.flow(self.patchify(x))
+        if self.config.final_permute:  # spec §1.4: reverse the token order between AF and AR
+            z = z.flip(1)
+        d_i = self.config.informative_dim
+        return z[..., :d_i], z[..., d_i:], logdet
+
+    def decode(self, informative: Tensor, redundant: Tensor,
+               inverse: Literal["exact", "distilled"] = "exact") -> Tensor:
+        """(Z^I, Z^R) -> images: concatenate, undo the final permute, invert the flow, unpatchify."""
+        z = torch.cat([informative, redundant], dim=-1)
+        if self.config.final_permute:
+            z = z.flip(1)
+        if inverse == "exact":
+            tokens = self.flow.inverse(z)
+        elif inverse == "distilled":
+            if self.student is None:
+                raise ValueError("this model has no distilled inverse; train one with `farmer distill`")
+            tokens = self.student(z)
+        else:
+            raise ValueError(f"inverse must be 'exact' or 'distilled', got {inverse!r}")
+        return self.unpatchify(tokens)
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """log p(x | y) per image (B,), in nats, of images x in [-1, 1]; y=None is the null class."""
+        self.check_images(x)
+        return self._log_prob(x, self.check_labels(y, x.shape[0], x.device))
+
+    def _log_prob(self, x: Tensor, labels: Tensor) -> Tensor:
+        informative, redundant, logdet = self.encode(x)
+        return self.prior.log_prob(informative, redundant, labels) + logdet
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(loss in nats per dimension, per-image NLL in nats (B,)). In training mode labels are dropped to
+        the null class with probability ``label_dropout`` so the same model is also unconditional (spec §4)."""
+        cfg = self.config
+        self.check_images(x)
+        labels = self.check_labels(y, x.shape[0], x.device)
+        if self.training and cfg.conditional and cfg.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < cfg.label_dropout
+            labels = labels.masked_fill(drop, cfg.num_classes)
+        nll = -self._log_prob(x, labels)
+        return nll.mean() / cfg.num_dims, nll
+
+    # Sampling -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None, *,
+               guidance: Guidance | None = None, variance_scale: float = 1.0, temperature: float = 1.0,
+               inverse: Literal["exact", "distilled"] = "exact",
+               progress: Callable[[int], None] | None = None) -> Tensor:
+        """n images (n, C, H, W) in [-1, 1]: AR over Z^I (optionally guided), Z^R from the shared mixture,
+        then the flow inverse (exact, or the distilled student)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if variance_scale <= 0 or temperature <= 0:
+            raise ValueError("variance_scale and temperature must be > 0")
+        device = next(self.parameters()).device
+        labels = self.check_labels(y, n, device)
+        if guidance is not None and not self.config.conditional:
+            raise ValueError("guidance needs a class-conditional model")
+        informative, redundant = self.prior.sample(labels, generator, guidance, variance_scale, temperature,
+                                                   progress)
+        return self.decode(informative, redundant, inverse).clamp(-1, 1)

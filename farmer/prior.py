@@ -1,0 +1,140 @@
+"""The AR prior over the flow's latent tokens (spec §3–4), and the standard-normal baseline.
+
+Input sequence: the class embedding repeated M times (condition repeat), then the projected informative
+tokens z_1^I … z_N^I. The state at the last condition slot predicts the mixture G_1 of z_1^I, the state at
+z_i^I predicts G_{i+1}, and the state at z_N^I — which has seen all of Z^I — predicts the one shared
+mixture of every redundant vector z_i^R (the "(N+1)-th token"):
+
+    P(Z | c) = Π_i P(z_i^I | z_{<i}^I, c) · Π_i P_{N+1}(z_i^R | Z^I, c)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from farmer.config import FarmerConfig
+from farmer.guidance import NaiveGuidance, ResamplingGuidance, guided_sample, resampling_cfg_sample_shared
+from farmer.mixture import DiagonalMixture, MixtureHead
+from farmer.nn import Transformer
+
+Guidance = ResamplingGuidance | NaiveGuidance
+LOG_2PI = math.log(2 * math.pi)
+
+
+class ARPrior(nn.Module):
+    def __init__(self, config: FarmerConfig) -> None:
+        super().__init__()
+        width = config.prior_width
+        self.num_tokens = config.num_tokens
+        self.repeat = config.condition_repeat
+        self.informative_dim = config.informative_dim
+        self.redundant_dim = config.redundant_dim
+        # Index num_classes is the learned null class ∅ (label dropout, classifier-free guidance); an
+        # unconditional model has only it.
+        self.null_class = config.num_classes
+        self.class_embed = nn.Embedding(config.num_classes + 1, width)
+        self.proj_in = nn.Linear(self.informative_dim, width)
+        self.pos = nn.Parameter(torch.randn(self.repeat + self.num_tokens, width) * 0.02)
+        self.transformer = Transformer(width, config.prior_layers, config.head_dim, config.mlp_ratio,
+                                       self.repeat + self.num_tokens)
+        self.informative_head = MixtureHead(width, self.informative_dim, config.informative_components,
+                                            config.min_mixture_scale)
+        self.redundant_head = (MixtureHead(width, self.redundant_dim, config.redundant_components,
+                                           config.min_mixture_scale) if self.redundant_dim else None)
+
+    def _condition(self, labels: Tensor) -> Tensor:
+        """The class embedding repeated M times, with positions (spec §4, "condition repeat")."""
+        return self.class_embed(labels)[:, None, :] + self.pos[: self.repeat]
+
+    def forward(self, informative: Tensor, labels: Tensor) -> tuple[DiagonalMixture, DiagonalMixture | None]:
+        """Mixtures of every informative token (batch (B, N)) and the shared redundant mixture (batch (B,))."""
+        m = self.repeat
+        tokens = self.proj_in(informative) + self.pos[m:]
+        h = self.transformer(torch.cat([self._condition(labels), tokens], dim=1), causal=True)
+        informative_mix = self.informative_head(h[:, m - 1 : m + self.num_tokens - 1])
+        redundant_mix = None if self.redundant_head is None else self.redundant_head(h[:, -1])
+        return informative_mix, redundant_mix
+
+    def log_prob(self, informative: Tensor, redundant: Tensor, labels: Tensor) -> Tensor:
+        """log P(Z | c) per image (B,) in nats."""
+        informative_mix, redundant_mix = self(informative, labels)
+        log_p = informative_mix.log_prob(informative).sum(dim=1)
+        if redundant_mix is not None:
+            # One mixture per image, shared by its N redundant vectors: put tokens on a leading sample dim.
+            log_p = log_p + redundant_mix.log_prob(redundant.transpose(0, 1)).sum(dim=0)
+        return log_p
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, generator: torch.Generator | None = None, guidance: Guidance | None = None,
+               variance_scale: float = 1.0, temperature: float = 1.0,
+               progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+        """Draw (Z^I (B, N, d_I), Z^R (B, N, d_R)) token by token through a preallocated KV cache.
+
+        Without guidance the mixtures are sampled with the decoupled knobs of supplementary §7: the
+        Gaussian variance times ``variance_scale`` (s) and the logits divided by ``temperature`` (T).
+        With guidance the conditional and null-class branches run as one batch of 2B and each token is
+        drawn by ``guided_sample`` (spec §6); its own proposal temperatures apply.
+        """
+        batch = labels.shape[0]
+        guided = guidance is not None
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+
+        def draw(mix: DiagonalMixture) -> Tensor:
+            if guided:
+                cond, uncond = mix.chunk(2)
+                return guided_sample(cond, uncond, guidance, generator)
+            return mix.decoupled(variance_scale, temperature).sample(generator=generator)
+
+        cache = self.transformer.allocate_cache(labels.shape[0], labels.device, self.pos.dtype)
+        informative = torch.empty(batch, self.num_tokens, self.informative_dim, device=labels.device)
+        h = self.transformer(self._condition(labels), causal=True, cache=cache)[:, -1]
+        for i in range(self.num_tokens):
+            informative[:, i] = draw(self.informative_head(h))
+            if i + 1 < self.num_tokens or self.redundant_head is not None:
+                step = informative[:, i].repeat(2, 1) if guided else informative[:, i]
+                x = self.proj_in(step) + self.pos[self.repeat + i]
+                h = self.transformer(x[:, None], causal=True, cache=cache)[:, -1]
+            if progress is not None:
+                progress(1)
+        if self.redundant_head is None:
+            return informative, informative.new_zeros(batch, self.num_tokens, 0)
+        mix = self.redundant_head(h)
+        if guided:
+            cond, uncond = mix.chunk(2)
+            if isinstance(guidance, ResamplingGuidance):
+                redundant = resampling_cfg_sample_shared(cond, uncond, self.num_tokens, guidance, generator)
+            else:
+                redundant = guided_sample(cond.expand_tokens(self.num_tokens), uncond.expand_tokens(self.num_tokens),
+                                          guidance, generator)
+        else:
+            mix = mix.decoupled(variance_scale, temperature)
+            redundant = mix.sample((self.num_tokens,), generator=generator).transpose(0, 1)
+        return informative, redundant
+
+
+class StandardNormalPrior(nn.Module):
+    """N(0, I) on every latent channel: FARMER without the AR, i.e. a plain TARFlow-style flow (baseline)."""
+
+    def __init__(self, config: FarmerConfig) -> None:
+        super().__init__()
+        self.num_tokens = config.num_tokens
+        self.informative_dim = config.token_dim
+        self.null_class = config.num_classes
+
+    def log_prob(self, informative: Tensor, redundant: Tensor, labels: Tensor) -> Tensor:
+        return -0.5 * (informative.pow(2) + LOG_2PI).sum(dim=(1, 2))
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, generator: torch.Generator | None = None, guidance: Guidance | None = None,
+               variance_scale: float = 1.0, temperature: float = 1.0,
+               progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+        if guidance is not None:
+            raise ValueError("the standard-normal prior has no class conditioning to guide")
+        shape = (labels.shape[0], self.num_tokens, self.informative_dim)
+        z = torch.randn(shape, generator=generator, device=labels.device) * math.sqrt(variance_scale)
+        return z, z.new_zeros(*shape[:2], 0)

@@ -1,0 +1,8 @@
+import sys
+from pathlib import Path
+
+import torch
+
+# Make tests/helpers.py importable as `helpers` and keep CPU runs deterministic.
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, torch.get_num_threads()))

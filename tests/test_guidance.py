@@ -1,0 +1,372 @@
+"""Classifier-free guidance for mixture priors (spec §6): resampling CFG (Algorithm 1) and naive CFG."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from farmer.guidance import (
+    NaiveGuidance,
+    ResamplingGuidance,
+    guided_sample,
+    naive_cfg_sample,
+    resampling_cfg_sample,
+    resampling_cfg_sample_shared,
+)
+from farmer.mixture import DiagonalMixture
+
+
+def make_mixture(logits, means, scales) -> DiagonalMixture:
+    return DiagonalMixture(torch.tensor(logits), torch.tensor(means), torch.tensor(scales))
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def unit_guidance(scale: float, cond: int, uncond: int, **kw) -> ResamplingGuidance:
+    """All temperatures 1: the resampler then targets p' = p_c^(1+w) p_u^(−w) exactly as the pool grows."""
+    return ResamplingGuidance(
+        scale=scale,
+        proposal_weight_temperature=1.0,
+        proposal_std_scale=1.0,
+        cond_candidates=cond,
+        uncond_candidates=uncond,
+        eval_weight_temperature=1.0,
+        eval_std_scale=1.0,
+        resample_temperature=1.0,
+        **kw,
+    )
+
+
+def target_log_density(
+    cond: DiagonalMixture, uncond: DiagonalMixture, w: float, z: torch.Tensor
+) -> torch.Tensor:
+    return ((1 + w) * cond.log_prob(z) - w * uncond.log_prob(z)).double()
+
+
+def gaussian_product(mu_c, sd_c, mu_u, sd_u, w):
+    """N(μ_c, σ_c²)^(1+w) N(μ_u, σ_u²)^(−w) ∝ N(mean, var) with precision (1+w)/σ_c² − w/σ_u²."""
+    precision = (1 + w) / sd_c**2 - w / sd_u**2
+    mean = ((1 + w) * mu_c / sd_c**2 - w * mu_u / sd_u**2) / precision
+    return mean, 1 / precision
+
+
+def check_gaussian_draws(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Per-channel mean and variance of n draws within 5 standard errors of the Gaussian's."""
+    n = x.shape[0]
+    x = x.double()
+    assert ((x.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all(), (x.mean(0), mean)
+    assert ((x.var(0) - var).abs() < 5 * var * math.sqrt(2 / n)).all(), (x.var(0), var)
+
+
+# (1) Large pools, unit temperatures: draws follow the normalised target ---------------------------------
+COND_1D = ([0.0, 0.5, -0.3], [[-1.0], [0.8], [2.0]], [[0.5], [0.6], [0.4]])
+UNCOND_1D = ([0.0, 0.0], [[-0.5], [1.0]], [[1.2], [1.5]])
+
+
+def ks_distance(draws: torch.Tensor, x: torch.Tensor, density: torch.Tensor) -> float:
+    """Kolmogorov–Smirnov distance between draws and a density tabulated on the grid x (trapezoid CDF)."""
+    cdf = torch.cat([density.new_zeros(1), torch.cumulative_trapezoid(density, x)])
+    cdf = cdf / cdf[-1]
+    s = np.sort(draws.double().numpy())
+    f = np.interp(s, x.numpy(), cdf.numpy())
+    i = np.arange(1, len(s) + 1)
+    return float(np.maximum(i / len(s) - f, f - (i - 1) / len(s)).max())
+
+
+def test_resampling_matches_target_1d() -> None:
+    cond, uncond, w, n = make_mixture(*COND_1D), make_mixture(*UNCOND_1D), 1.0, 2000
+    draws = resampling_cfg_sample(
+        cond.expand_tokens(n), uncond.expand_tokens(n), unit_guidance(w, 1000, 1000), gen(0)
+    )[:, 0]
+    x = torch.linspace(-12, 12, 48001, dtype=torch.float64)
+    log_p = target_log_density(cond, uncond, w, x[:, None].float())
+    critical = 1.949 / math.sqrt(n)  # KS critical value at α = 0.001
+    assert ks_distance(draws, x, (log_p - log_p.max()).exp()) < critical
+    # Power check: the same draws are far from the unguided conditional density.
+    assert ks_distance(draws, x, cond.log_prob(x[:, None].float()).double().exp()) > 2 * critical
+
+
+def test_resampling_matches_target_2d() -> None:
+    cond = make_mixture([0.0, 0.4], [[-1.0, 0.5], [1.0, -0.5]], [[0.6, 0.8], [0.7, 0.5]])
+    uncond = make_mixture([0.0, 0.0], [[0.0, 0.0], [1.0, 1.0]], [[1.5, 1.5], [1.5, 1.5]])
+    w, n, bins = 1.5, 2000, 5
+    draws = resampling_cfg_sample(
+        cond.expand_tokens(n), uncond.expand_tokens(n), unit_guidance(w, 1000, 1000), gen(1)
+    ).numpy()
+    # Quadrature: target mass of each cell of a 5×5 grid cut at the target's marginal quintiles.
+    x = torch.linspace(-10, 10, 801)
+    grid = torch.stack(torch.meshgrid(x, x, indexing="ij"), -1)
+    log_p = target_log_density(cond, uncond, w, grid)
+    p = (log_p - log_p.max()).exp().numpy()
+    p /= p.sum()
+    xs = x.numpy()
+    edges = [np.interp(np.arange(1, bins) / bins, np.cumsum(p.sum(1 - a)), xs) for a in (0, 1)]
+    cell_x, cell_y = np.digitize(xs, edges[0]), np.digitize(xs, edges[1])
+    expected = np.zeros((bins, bins))
+    np.add.at(expected, (cell_x[:, None], cell_y[None, :]), p)
+    observed = np.zeros((bins, bins))
+    np.add.at(observed, (np.digitize(draws[:, 0], edges[0]), np.digitize(draws[:, 1], edges[1])), 1)
+
+    def chi_square(prob: np.ndarray) -> tuple[float, int]:
+        e = prob * n
+        keep = e >= 5  # the usual validity rule; the few sparse corner cells are left out
+        return float(((observed - e) ** 2 / e)[keep].sum()), int(keep.sum()) - 1
+
+    chi2, dof = chi_square(expected)
+    critical = stats.chi2.ppf(0.999, dof)
+    assert chi2 < critical
+    # Power check: the unguided conditional density is rejected by the same statistic.
+    pc = cond.log_prob(grid).double().exp().numpy()
+    cond_cells = np.zeros((bins, bins))
+    np.add.at(cond_cells, (cell_x[:, None], cell_y[None, :]), pc / pc.sum())
+    assert chi_square(cond_cells)[0] > 5 * critical
+
+
+def test_small_pools_move_the_mean_towards_the_target() -> None:
+    # Paper pool sizes (5 + 5): the draws' mean rises monotonically with w, towards (never past) the target's.
+    cond = make_mixture([0.0, 0.0], [[0.5], [1.5]], [[0.7], [0.7]])
+    uncond = make_mixture([0.0], [[0.0]], [[1.5]])
+    x = torch.linspace(-15, 15, 30001)
+    n, previous = 20_000, -math.inf
+    for seed, w in enumerate([0.0, 1.0, 2.0, 4.0]):
+        draws = resampling_cfg_sample(
+            cond.expand_tokens(n), uncond.expand_tokens(n), unit_guidance(w, 5, 5), gen(seed)
+        )[:, 0].double()
+        mean, se = draws.mean().item(), draws.std().item() / math.sqrt(n)
+        log_p = target_log_density(cond, uncond, w, x[:, None])
+        p = (log_p - log_p.max()).exp()
+        target_mean = ((p * x.double()).sum() / p.sum()).item()
+        assert mean > previous + 3 * se
+        assert mean < target_mean + 5 * se
+        previous = mean
+    assert previous > 1.3  # well above the conditional mean 1.0
+
+
+# (2) K = 1: the exact Gaussian product -----------------------------------------------------------------
+MU_C, SD_C = torch.tensor([1.0, -0.5, 0.0]), torch.tensor([1.0, 0.5, 0.8])
+MU_U, SD_U = torch.tensor([0.0, 0.0, 0.5]), torch.tensor([2.0, 1.0, 1.2])
+
+
+def single_gaussians(n: int) -> tuple[DiagonalMixture, DiagonalMixture]:
+    cond = DiagonalMixture(torch.zeros(n, 1), MU_C.expand(n, 1, 3), SD_C.expand(n, 1, 3))
+    uncond = DiagonalMixture(torch.zeros(n, 1), MU_U.expand(n, 1, 3), SD_U.expand(n, 1, 3))
+    return cond, uncond
+
+
+def test_resampling_matches_gaussian_product() -> None:
+    w, n = 1.5, 2000
+    cond, uncond = single_gaussians(n)
+    # Unequal branches: the joint normalisation of the pool must not depend on s_c : s_u.
+    draws = resampling_cfg_sample(cond, uncond, unit_guidance(w, 1500, 500), gen(2))
+    mean, var = gaussian_product(MU_C.double(), SD_C.double(), MU_U.double(), SD_U.double(), w)
+    check_gaussian_draws(draws, mean, var)
+
+
+def test_shared_pool_matches_gaussian_product() -> None:
+    w, tokens = 1.0, 4000
+    cond, uncond = single_gaussians(2)
+    draws = resampling_cfg_sample_shared(
+        cond, uncond, tokens, unit_guidance(w, 1, 1, redundant_pool=20_000), gen(3)
+    )
+    assert draws.shape == (2, tokens, 3)
+    mean, var = gaussian_product(MU_C.double(), SD_C.double(), MU_U.double(), SD_U.double(), w)
+    for image in draws:  # tokens of one image share a pool; 20 000 per branch keeps repeats rare
+        check_gaussian_draws(image, mean, var)
+
+
+def test_naive_matches_gaussian_product_exactly() -> None:
+    w, n = 1.5, 100_000
+    cond, uncond = single_gaussians(n)
+    draws = naive_cfg_sample(cond, uncond, NaiveGuidance(w), gen(4))
+    mean, var = gaussian_product(MU_C.double(), SD_C.double(), MU_U.double(), SD_U.double(), w)
+    check_gaussian_draws(draws, mean, var)
+
+
+def test_resample_temperature_multiplies_log_weights() -> None:
+    # T_s -> 0 flattens the pool's weights: draws become an even mix of the two proposals (mean ≈ 0),
+    # while T_s = 1 resamples towards the guided target (mean (1+w)·2 − w·(−2) = 2 + 4w for unit stds).
+    n = 4000
+    cond = DiagonalMixture(torch.zeros(n, 1), torch.full((n, 1, 1), 2.0), torch.ones(n, 1, 1))
+    uncond = DiagonalMixture(torch.zeros(n, 1), torch.full((n, 1, 1), -2.0), torch.full((n, 1, 1), 1.0))
+    flat = dataclasses.replace(unit_guidance(0.5, 50, 50), resample_temperature=1e-9)
+    x = resampling_cfg_sample(cond, uncond, flat, gen(5)).double()
+    assert abs(x.mean().item()) < 5 * math.sqrt(5 / n)  # even mix of N(±2, 1): var 5
+    y = resampling_cfg_sample(cond, uncond, unit_guidance(0.5, 50, 50), gen(5)).double()
+    assert y.mean().item() > 3.0  # target mean 4
+
+
+# (3) Robustness and the shared pool ----------------------------------------------------------------------
+def test_extreme_knobs_stay_finite() -> None:
+    g = torch.Generator().manual_seed(6)
+    b, k, d = 2000, 4, 8
+    cond = DiagonalMixture(
+        torch.randn(b, k, generator=g) * 5, torch.randn(b, k, d, generator=g) * 3, torch.rand(b, k, d) + 1e-3
+    )
+    uncond = DiagonalMixture(
+        torch.randn(b, k, generator=g) * 5, torch.randn(b, k, d, generator=g) * 3, torch.rand(b, k, d) + 1e-3
+    )
+    extreme = ResamplingGuidance(
+        scale=10.0,
+        proposal_weight_temperature=3.0,
+        proposal_std_scale=2.0,
+        eval_weight_temperature=3.0,
+        eval_std_scale=2.0,
+        resample_temperature=3.0,
+    )
+    for guidance in (extreme, ResamplingGuidance(scale=10.0), NaiveGuidance(10.0)):
+        out = guided_sample(cond, uncond, guidance, g)
+        assert out.shape == (b, d) and torch.isfinite(out).all()
+    shared = resampling_cfg_sample_shared(cond[:8], uncond[:8], 64, extreme, g)
+    assert shared.shape == (8, 64, d) and torch.isfinite(shared).all()
+
+
+@pytest.mark.parametrize("w", [0.0, 2.5])
+def test_underflowing_densities_are_handled(w: float) -> None:
+    # p_u underflows to 0 at the conditional candidates (Δ = +inf) and p_c at the unconditional ones
+    # (Δ = −inf): the draw must be a conditional candidate, finite, with no NaN from ∞ − ∞ or 0·∞.
+    b = 500
+    cond = DiagonalMixture(torch.zeros(b, 1), torch.zeros(b, 1, 2), torch.full((b, 1, 2), 1e-3))
+    uncond = DiagonalMixture(torch.zeros(b, 1), torch.full((b, 1, 2), 1e19), torch.full((b, 1, 2), 1e-3))
+    assert torch.isinf(uncond.log_prob(torch.zeros(2))).all()  # the premise
+    out = resampling_cfg_sample(cond, uncond, ResamplingGuidance(scale=w), gen(7))
+    assert torch.isfinite(out).all() and out.abs().max() < 1.0
+
+
+def test_pool_where_both_densities_underflow_stays_finite() -> None:
+    # Proposals far beyond both eval mixtures: log p_c = log p_u = −inf, Δ = NaN for every candidate.
+    b = 300
+    cond = DiagonalMixture(torch.zeros(b, 1), torch.zeros(b, 1, 2), torch.ones(b, 1, 2))
+    uncond = DiagonalMixture(torch.zeros(b, 1), torch.ones(b, 1, 2), torch.ones(b, 1, 2))
+    g = dataclasses.replace(ResamplingGuidance(), proposal_std_scale=1e25)
+    out = resampling_cfg_sample(cond, uncond, g, gen(8))
+    assert torch.isfinite(out).all()
+
+
+def test_shared_pool_shapes_and_token_draws() -> None:
+    b, tokens, d = 3, 50, 4
+    cond = DiagonalMixture(torch.zeros(b, 2), torch.randn(b, 2, d), torch.ones(b, 2, d))
+    uncond = DiagonalMixture(torch.zeros(b, 2), torch.randn(b, 2, d), torch.full((b, 2, d), 2.0))
+    out = resampling_cfg_sample_shared(cond, uncond, tokens, ResamplingGuidance(), gen(9))
+    assert out.shape == (b, tokens, d) and torch.isfinite(out).all()
+    for image in out:  # default pool s_c·N + s_u·N: the tokens are distinct draws
+        assert 1 < len(torch.unique(image, dim=0)) <= 10 * tokens
+    # A pool of 2 + 2 per image: every token is one of at most 4 candidates, shared by the image's tokens.
+    # (Near-equal mixtures keep the 4 weights comparable, so several candidates get picked.)
+    close = DiagonalMixture(cond.logits, cond.means, cond.scales * 1.1)
+    tiny_pool = unit_guidance(1.0, 1, 1, redundant_pool=2)
+    tiny = resampling_cfg_sample_shared(cond, close, tokens, tiny_pool, gen(10))
+    for image in tiny:
+        assert 1 < len(torch.unique(image, dim=0)) <= 4
+    assert not torch.equal(tiny[0, 0], tiny[1, 0])  # separate pools per image
+    torch.testing.assert_close(
+        tiny, resampling_cfg_sample_shared(cond, close, tokens, tiny_pool, gen(10)), rtol=0, atol=0
+    )
+
+
+def test_batched_shapes_and_one_branch_pools() -> None:
+    cond = DiagonalMixture(torch.zeros(2, 3, 4), torch.randn(2, 3, 4, 5), torch.ones(2, 3, 4, 5))
+    uncond = DiagonalMixture(torch.zeros(2, 3, 4), torch.randn(2, 3, 4, 5), torch.ones(2, 3, 4, 5))
+    for s_c, s_u in ((5, 5), (0, 3), (3, 0)):
+        g = ResamplingGuidance(cond_candidates=s_c, uncond_candidates=s_u)
+        assert resampling_cfg_sample(cond, uncond, g, gen(11)).shape == (2, 3, 5)
+
+
+# (4) Naive CFG -------------------------------------------------------------------------------------------
+def test_naive_picks_the_component_by_conditional_weights() -> None:
+    # Components paired by index, chosen by π_c only: the unconditional weights (favouring the other
+    # component) are ignored.
+    n = 20_000
+    means = torch.tensor([[-50.0], [50.0]]).expand(n, 2, 1)
+    cond = DiagonalMixture(
+        torch.tensor([math.log(0.8), math.log(0.2)]).expand(n, 2), means, torch.ones(n, 2, 1)
+    )
+    uncond = DiagonalMixture(torch.tensor([-5.0, 5.0]).expand(n, 2), means, torch.full((n, 2, 1), 2.0))
+    x = naive_cfg_sample(cond, uncond, NaiveGuidance(1.0), gen(12))[:, 0]
+    left = (x < 0).double().mean().item()
+    assert abs(left - 0.8) < 5 * math.sqrt(0.16 / n)
+    # Each component is the Gaussian product of its pair: mean ±50, var 1/(2 − 1/4).
+    check_gaussian_draws(x[x < 0, None], torch.tensor([-50.0]).double(), torch.tensor([1 / 1.75]).double())
+
+
+def test_naive_improper_product_falls_back_to_conditional() -> None:
+    # σ_u = 0.5 < σ_c = 1 with w = 1: precision 2 − 4 < 0 in channel 0, proper (σ_u = 2) in channel 1.
+    n = 50_000
+    cond = DiagonalMixture(torch.zeros(n, 1), torch.tensor([1.0, 1.0]).expand(n, 1, 2), torch.ones(n, 1, 2))
+    uncond = DiagonalMixture(
+        torch.zeros(n, 1), torch.zeros(n, 1, 2), torch.tensor([0.5, 2.0]).expand(n, 1, 2)
+    )
+    x = naive_cfg_sample(cond, uncond, NaiveGuidance(1.0), gen(13))
+    mean1, var1 = gaussian_product(1.0, 1.0, 0.0, 2.0, 1.0)
+    check_gaussian_draws(x, torch.tensor([1.0, mean1]).double(), torch.tensor([1.0, var1]).double())
+
+
+def test_naive_without_guidance_is_the_conditional_sample() -> None:
+    cond = DiagonalMixture(torch.randn(6, 3), torch.randn(6, 3, 4), torch.rand(6, 3, 4) + 0.1)
+    uncond = DiagonalMixture(torch.randn(6, 3), torch.randn(6, 3, 4), torch.rand(6, 3, 4) + 0.1)
+    # Same generator stream: component index, then one ε per channel.
+    torch.testing.assert_close(
+        naive_cfg_sample(cond, uncond, NaiveGuidance(0.0), gen(14)), cond.sample((), gen(14))
+    )
+
+
+# API -----------------------------------------------------------------------------------------------------
+def test_defaults_are_the_paper_settings() -> None:
+    g = ResamplingGuidance()
+    assert (g.scale, g.proposal_weight_temperature, g.proposal_std_scale) == (2.5, 1.0, 0.9)
+    assert (g.cond_candidates, g.uncond_candidates) == (5, 5)
+    assert (g.eval_weight_temperature, g.eval_std_scale, g.resample_temperature) == (0.2, 0.9, 1.1)
+
+
+def test_guided_sample_dispatches() -> None:
+    cond, uncond = single_gaussians(4)
+    for guidance, direct in (
+        (ResamplingGuidance(), resampling_cfg_sample),
+        (NaiveGuidance(2.0), naive_cfg_sample),
+    ):
+        torch.testing.assert_close(
+            guided_sample(cond, uncond, guidance, gen(15)), direct(cond, uncond, guidance, gen(15))
+        )
+    with pytest.raises(TypeError, match="guidance"):
+        guided_sample(cond, uncond, 2.5)
+
+
+def test_bad_inputs_raise() -> None:
+    for kwargs in (
+        dict(cond_candidates=0, uncond_candidates=0),
+        dict(cond_candidates=-1),
+        dict(uncond_candidates=2.5),
+        dict(scale=-0.1),
+        dict(scale=float("inf")),
+        dict(proposal_std_scale=0.0),
+        dict(eval_weight_temperature=-1.0),
+        dict(resample_temperature=float("nan")),
+        dict(redundant_pool=0),
+    ):
+        with pytest.raises(ValueError):
+            ResamplingGuidance(**kwargs)
+    with pytest.raises(ValueError, match="scale"):
+        NaiveGuidance(-1.0)
+    cond, uncond = single_gaussians(4)
+    with pytest.raises(ValueError, match="batch shape"):
+        resampling_cfg_sample(cond, uncond[:2], ResamplingGuidance())
+    with pytest.raises(ValueError, match="batch shape"):
+        naive_cfg_sample(
+            cond,
+            DiagonalMixture(torch.zeros(4, 1), torch.zeros(4, 1, 2), torch.ones(4, 1, 2)),
+            NaiveGuidance(1.0),
+        )
+    with pytest.raises(ValueError, match="K="):
+        naive_cfg_sample(
+            cond,
+            DiagonalMixture(torch.zeros(4, 2), torch.zeros(4, 2, 3), torch.ones(4, 2, 3)),
+            NaiveGuidance(1.0),
+        )
+    with pytest.raises(ValueError, match="num_tokens"):
+        resampling_cfg_sample_shared(cond, uncond, 0, ResamplingGuidance())
