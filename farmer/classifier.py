@@ -61,15 +61,11 @@ class Classifier(nn.Module):
         if len(channels) != 3 or min(channels) < 1:
             raise ValueError(f"channels must be 3 positive ints (one per conv block), got {channels}")
         if hidden < 1 or num_classes < 2:
-            raise ValueError(
-                f"need hidden >= 1 and num_classes >= 2, got hidden={hidden}, num_classes={num_classes}"
-            )
+            raise ValueError(f"need hidden >= 1 and num_classes >= 2, got hidden={hidden}, num_classes={num_classes}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.config = {"channels": channels, "hidden": hidden, "num_classes": num_classes, "dropout": dropout}
-        self.convs = nn.Sequential(
-            *(_conv_block(i, o) for i, o in zip([1, *channels[:-1]], channels, strict=True))
-        )
+        self.convs = nn.Sequential(*(_conv_block(i, o) for i, o in zip([1, *channels[:-1]], channels, strict=True)))
         # Three 2x poolings floor 28 to 3 pixels per side.
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(channels[-1] * 3 * 3, hidden), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
@@ -77,9 +73,7 @@ class Classifier(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """Penultimate activations (B, hidden): the space of the classifier Fréchet distance."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(
-                f"x must be a float tensor in [-1, 1], got {getattr(x, 'dtype', type(x).__name__)}"
-            )
+            raise ValueError(f"x must be a float tensor in [-1, 1], got {getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(f"x must have shape (B, 1, 28, 28), got {tuple(x.shape)}")
         return self.hidden(self.convs(x))
@@ -96,21 +90,20 @@ class Classifier(nn.Module):
 
 def _check_dataset(dataset: str) -> None:
     if dataset not in CLASSIFIER_DATASETS:
-        raise ValueError(
-            f"no classifier for dataset {dataset!r}: supported are {', '.join(CLASSIFIER_DATASETS)}"
-        )
+        raise ValueError(f"no classifier for dataset {dataset!r}: supported are {', '.join(CLASSIFIER_DATASETS)}")
 
 
-def _asset_names(dataset: str) -> tuple[str, str]:
-    return f"classifier-{dataset}.safetensors", f"classifier-{dataset}.json"
+def _asset_name(dataset: str, suffix: str) -> str:
+    return f"classifier-{dataset}.{suffix}"
 
 
-def _read_asset(name: str) -> bytes:
-    asset = resources.files("farmer").joinpath("assets", name)
+def _read_asset(dataset: str, suffix: str) -> bytes:
+    name = _asset_name(dataset, suffix)
+    asset = resources.files("farmer").joinpath("assets").joinpath(name)
     if not asset.is_file():
         raise FileNotFoundError(
             f"classifier asset farmer/assets/{name} is missing; train it with "
-            f"`python scripts/train_classifier.py --dataset <name>`"
+            f"`python scripts/train_classifier.py --dataset {dataset}`"
         )
     return asset.read_bytes()
 
@@ -118,18 +111,17 @@ def _read_asset(name: str) -> bytes:
 def classifier_info(dataset: str) -> dict[str, Any]:
     """The JSON shipped beside a classifier's weights (architecture, test accuracy, training command)."""
     _check_dataset(dataset)
-    name = _asset_names(dataset)[1]
     try:
-        return json.loads(_read_asset(name))
+        return json.loads(_read_asset(dataset, "json"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"farmer/assets/{name} is not valid JSON: {err}") from err
+        raise ValueError(f"farmer/assets/{_asset_name(dataset, 'json')} is not valid JSON: {err}") from err
 
 
 def _load(dataset: str) -> tuple[Classifier, str]:
     """The shipped classifier (eval mode) and a digest of its weights (keys cached reference statistics)."""
     info = classifier_info(dataset)
-    weights_name = _asset_names(dataset)[0]
-    raw = _read_asset(weights_name)
+    weights_name = _asset_name(dataset, "safetensors")
+    raw = _read_asset(dataset, "safetensors")
     try:
         state = load_safetensors_bytes(raw)
     except SafetensorError as err:
@@ -241,9 +233,7 @@ def classifier_metrics(
                 f"labels must be integers of shape ({len(images)},), got {labels.dtype} {tuple(labels.shape)}"
             )
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(
-                f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}"
-            )
+            raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
         result["accuracy"] = float((logits.argmax(dim=1) == labels.cpu()).double().mean())
     return result
 
@@ -335,8 +325,7 @@ def train_classifier(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights_name, json_name = _asset_names(dataset)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _save_atomic(out_dir / weights_name, lambda p: save_file(state, str(p)))
-    _save_atomic(out_dir / json_name, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    _save_atomic(out_dir / _asset_name(dataset, "safetensors"), lambda p: save_file(state, str(p)))
+    _save_atomic(out_dir / _asset_name(dataset, "json"), lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     return record

@@ -118,6 +118,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from farmer import FarmerConfig
+    from farmer.checkpoint import read_config
+    from farmer.train import DISTILL_DEFAULTS, TrainConfig, train
+
+    teacher = read_config(args.teacher)
+    model_config = FarmerConfig.from_dict(teacher["model"]).replace(distilled_inverse=True)
+    teacher_train = teacher.get("train", {})
+    options = {"data": args.data or teacher_train.get("data", "mnist"),
+               "data_root": args.data_root or teacher_train.get("data_root"), "steps": args.steps,
+               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    train_config = TrainConfig(**{**DISTILL_DEFAULTS, "objective": "distill", "teacher": str(args.teacher),
+                                  **{k: v for k, v in options.items() if v is not None}})
+    result = train(model_config, train_config, args.out, device=args.device, stop_at=args.stop_at)
+    print(json.dumps(result, indent=2))
+
+
 def _guidance(args: argparse.Namespace):
     from farmer.guidance import NaiveGuidance, ResamplingGuidance
 
@@ -212,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train the one-step student of the flow inverse (Algorithm 2)")
+    p.add_argument("--teacher", required=True, help="trained checkpoint (run or step directory)")
+    p.add_argument("--out", required=True, help="run directory of the distilled model")
+    p.add_argument("--data", default=None, help="default: the teacher's training data")
+    p.add_argument("--data-root", default=None)
+    for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--seed", int),
+                       ("--stop-at", int)):
+        p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="draw a PNG grid (and optionally an .npz) from a checkpoint")
     p.add_argument("--checkpoint", default=None, help="run or step directory (default: the shipped model)")

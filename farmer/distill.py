@@ -7,11 +7,16 @@ attention, blocks applied in reverse order — learns to map Z̃^t to Z^{t−1} 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from farmer.config import FarmerConfig
 from farmer.flow import AutoregressiveFlow, FlowBlock, block_flips
+
+if TYPE_CHECKING:
+    from farmer.model import Farmer
 
 MAX_NOISE_SCALE = 0.3  # s ~ U[0, 0.3] (Algorithm 2)
 
@@ -58,3 +63,16 @@ def distillation_loss(student: DistilledInverse, teacher: AutoregressiveFlow, to
     # outputs[k] approximates Z^{n−1−k}
     per_block = torch.stack([(out - targets[-2 - k]).pow(2).mean() for k, out in enumerate(outputs)])
     return per_block.mean(), per_block
+
+
+class DistillationObjective(nn.Module):
+    """Algorithm 2 as a module, so DDP can wrap it: images -> (loss, per-block losses)."""
+
+    def __init__(self, model: Farmer) -> None:
+        super().__init__()
+        if model.student is None:
+            raise ValueError("the model has no student: build it with distilled_inverse=True")
+        self.model = model
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return distillation_loss(self.model.student, self.model.flow, self.model.patchify(x))

@@ -32,6 +32,7 @@ from farmer.checkpoint import (
     MODEL_WEIGHTS,
     OPTIMIZER,
     TRAINER,
+    load_model,
     load_state_into,
     load_weights,
     read_config,
@@ -40,7 +41,15 @@ from farmer.checkpoint import (
     unflatten_optimizer_state,
 )
 from farmer.config import FarmerConfig
-from farmer.data import dataset_info, dequantize, gaussian_noise_std, make_dataset, model_to_pixels
+from farmer.data import (
+    dataset_info,
+    dequantize,
+    gaussian_noise_std,
+    make_dataset,
+    model_to_pixels,
+    pixels_to_model,
+)
+from farmer.distill import DistillationObjective
 from farmer.images import save_grid
 from farmer.metrics import bits_per_dim
 from farmer.model import Farmer
@@ -67,6 +76,10 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU; or "fp32", "bf16"
     compile: bool = False
     sharding: str = "ddp"  # under torchrun with several processes: "ddp" or "fsdp"
+    # "likelihood": train the model by maximum likelihood (spec §5). "distill": train only the one-step
+    # student of the flow inverse from the frozen checkpoint ``teacher`` (spec §7, Algorithm 2).
+    objective: str = "likelihood"
+    teacher: str | None = None
     num_workers: int = 0
     log_every: int = 10
     eval_every: int = 500  # test bits/dim (uniform dequantisation, EMA weights)
@@ -85,6 +98,10 @@ class TrainConfig:
             errors.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.sharding not in ("ddp", "fsdp"):
             errors.append(f"sharding must be ddp or fsdp, got {self.sharding!r}")
+        if self.objective not in ("likelihood", "distill"):
+            errors.append(f"objective must be likelihood or distill, got {self.objective!r}")
+        if (self.objective == "distill") != (self.teacher is not None):
+            errors.append("a teacher checkpoint is needed for, and only for, objective='distill'")
         if not 0 <= self.ema_decay < 1:
             errors.append("ema_decay must be in [0, 1)")
         if errors:
@@ -113,6 +130,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "mnist": dict(data="mnist", steps=6_000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=200,
                   ema_decay=0.999, eval_every=500, eval_images=2_000, sample_every=500, save_every=250),
 }
+
+
+# Algorithm 2 starts the student from the teacher, so it needs far fewer steps than the teacher did.
+DISTILL_DEFAULTS: dict[str, Any] = dict(steps=1_000, batch_size=64, lr=3e-4, min_lr=1e-5, warmup_steps=50,
+                                        ema_decay=0.995, eval_every=250, eval_images=1_000, sample_every=500,
+                                        save_every=100)
 
 
 # Schedule ------------------------------------------------------------------------------------------
@@ -184,22 +207,25 @@ def init_runtime(device: str | None = None) -> Runtime:
     return Runtime(0, 1, dev)
 
 
-def wrap_distributed(model: Farmer, ema: Farmer, cfg: TrainConfig, rt: Runtime) -> nn.Module:
-    """DDP replicates the model; FSDP shards each flow block and prior layer (and the EMA alike)."""
+def wrap_distributed(objective: nn.Module, model: Farmer, ema: Farmer, cfg: TrainConfig, rt: Runtime) -> nn.Module:
+    """DDP replicates the objective; FSDP shards each flow (and student) block and prior layer of the model
+    and its EMA, and the objective then runs on the sharded modules."""
     if rt.world == 1:
-        return model
+        return objective
     if cfg.sharding == "ddp":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(objective, device_ids=[rt.device] if rt.device.type == "cuda"
+                                                   else None)
     from torch.distributed.fsdp import fully_shard
 
     for module in (model, ema):
-        for block in module.flow.blocks:
+        students = [] if module.student is None else list(module.student.blocks)
+        for block in [*module.flow.blocks, *students]:
             fully_shard(block)
         if hasattr(module.prior, "transformer"):
             for layer in module.prior.transformer.layers:
                 fully_shard(layer)
         fully_shard(module)
-    return model
+    return objective
 
 
 def full_state(module: nn.Module, rt: Runtime, cfg: TrainConfig) -> dict[str, Tensor]:
@@ -241,6 +267,35 @@ def sample_grid(model: Farmer, path: Path, per_class: int = 8, seed: int = 0, **
     images = model.sample(rows * per_class, None if labels is None else labels.to(device), generator,
                           **sample_kwargs)
     return save_grid(model_to_pixels(images), path, nrow=per_class, scale=2)
+
+
+def start_student_from_teacher(model: Farmer, teacher_dir: str | Path) -> None:
+    """Copy a trained teacher's (EMA) weights into ``model`` and initialise its student from the teacher flow."""
+    teacher = load_model(teacher_dir, ema=True)
+    if teacher.config.replace(distilled_inverse=True) != model.config:
+        raise ValueError(f"teacher {teacher_dir} does not match the model config to distil")
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("student.")}
+    model.load_state_dict(state, strict=False)
+    model.student.load_state_dict(teacher.flow.state_dict())
+
+
+@torch.no_grad()
+def student_psnr(model: Farmer, dataset: Dataset, max_images: int = 1000, seed: int = 0,
+                 batch_size: int = 256) -> float:
+    """PSNR (dB, images in [-1, 1], peak-to-peak 2) of the student inverse against the data it came from:
+    encode test images with the teacher flow, decode with the student."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = min(max_images, len(dataset))
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(seed))
+    squared, count = 0.0, 0
+    for pixels, _ in loader:
+        x = pixels_to_model(pixels).to(device)
+        zi, zr, _ = model.encode(x)
+        squared += (model.decode(zi, zr, inverse="distilled") - x).pow(2).sum().item()
+        count += x.numel()
+    return 10 * math.log10(4.0 / max(squared / count, 1e-20))
 
 
 # Training ------------------------------------------------------------------------------------------
@@ -311,6 +366,15 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = Farmer(model_config).to(rt.device)
+    distilling = cfg.objective == "distill"
+    if distilling:
+        if model.student is None:
+            raise ValueError("objective='distill' needs a model config with distilled_inverse=True")
+        if not (out / "LATEST").is_file():
+            start_student_from_teacher(model, cfg.teacher)
+        # Algorithm 2: the teacher flow and the AR prior stay frozen; only the student learns.
+        model.flow.requires_grad_(False)
+        model.prior.requires_grad_(False)
     ema = copy.deepcopy(model).requires_grad_(False)
     noise_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rt.rank)
     torch.manual_seed(cfg.seed * 104_729 + rt.rank)  # label dropout differs across ranks, as data does
@@ -327,7 +391,7 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
         if rt.main:
             log(f"resuming {out} from step {start_step}")
 
-    net = wrap_distributed(model, ema, cfg, rt)
+    net = wrap_distributed(DistillationObjective(model) if distilling else model, model, ema, cfg, rt)
     sharded = rt.world > 1 and cfg.sharding == "fsdp"
     # Created after wrapping: FSDP replaces the parameters with sharded ones.
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -378,10 +442,13 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
         # Sharded weights need every rank in the forward passes; replicated ones only rank 0.
         if rt.main or sharded:
             ema.eval()
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if distilling and (step % cfg.eval_every == 0 or step == cfg.steps):
+                record["test_psnr_db"] = student_psnr(ema, eval_set, max_images=cfg.eval_images, seed=cfg.seed)
+            elif step % cfg.eval_every == 0 or step == cfg.steps:
                 record["test_bpd"] = evaluate_bpd(ema, eval_set, max_images=cfg.eval_images, seed=cfg.seed)
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                record["samples"] = str(sample_grid(ema, out / "samples" / f"step-{step:08d}.png", seed=cfg.seed))
+                record["samples"] = str(sample_grid(ema, out / "samples" / f"step-{step:08d}.png", seed=cfg.seed,
+                                                    inverse="distilled" if distilling else "exact"))
             metrics_log.write(time=time.time(), **record)
         return record
 
@@ -409,9 +476,11 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # EMA with warm-up: early on the average would otherwise be dominated by the initial weights.
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
+                p_ema.lerp_(p, 1 - decay)
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -421,15 +490,18 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
             rate = (done - tick_step) * micro * cfg.grad_accum * rt.world / (now - tick)
             tick, tick_step = now, done
             nats = loss_sum.item()
-            last = {"step": done, "loss": nats, "bpd": nats / math.log(2) + 7, "lr": lr,
-                    "grad_norm": float(grad_norm), "images_per_s": rate, "noise_std": noise_std}
-            bar.set_postfix(loss=f"{nats:.4f}", bpd=f"{last['bpd']:.3f}", img_s=f"{rate:.0f}")
+            last = {"step": done, "loss": nats, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate}
+            if not distilling:  # the likelihood loss is nats/dim: also show it in bits/dim
+                last.update(bpd=nats / math.log(2) + 7, noise_std=noise_std)
+            bar.set_postfix(loss=f"{nats:.4f}", img_s=f"{rate:.0f}", **({} if distilling else
+                                                                        {"bpd": f"{last['bpd']:.3f}"}))
             metrics_log.write(time=time.time(), **last)
         if done % cfg.eval_every == 0 or done % cfg.sample_every == 0 or done == cfg.steps:
             record = evaluate(done)
-            if "test_bpd" in record:
-                last["test_bpd"] = record["test_bpd"]
-                bar.write(f"step {done}: test bits/dim {record['test_bpd']:.4f}")
+            for key, label in (("test_bpd", "test bits/dim"), ("test_psnr_db", "student PSNR (dB)")):
+                if key in record:
+                    last[key] = record[key]
+                    bar.write(f"step {done}: {label} {record[key]:.4f}")
         stopping = stop_at is not None and done >= stop_at
         if done % cfg.save_every == 0 or done == cfg.steps or stopping:
             save(done)

@@ -1,0 +1,253 @@
+"""Training and likelihood throughput, peak memory, and the fraction of this machine's matmul peak.
+
+For each preset: a training step (forward + backward of the spec §5 loss, gradient clipping, AdamW step,
+as in farmer.train minus data loading and EMA) and the likelihood pass (``log_prob``, no grad), in
+images/s; their FLOPs counted by ``torch.utils.flop_counter``; achieved GFLOP/s over the best square
+matmul measured in the same run; and peak memory, read in a fresh subprocess per phase (ru_maxrss on the
+CPU, the allocator's peak on accelerators).
+
+    python -m benchmarks.bench_train --threads 1 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import (
+    MIB,
+    REPO_ROOT,
+    Repeats,
+    add_common_args,
+    current_rss_bytes,
+    environment,
+    matmul_peak,
+    measure,
+    peak_rss_bytes,
+    positive_int,
+    repeats_for,
+    resolve_device,
+    set_threads,
+    write_result,
+)
+from farmer.config import FarmerConfig
+from farmer.model import Farmer
+from farmer.nn import autocast_dtype
+from farmer.train import TrainConfig
+
+PRESETS = ("tiny", "mnist")
+PHASES = ("train", "log_prob")
+PROBE_MARKER = "MEMORY_PROBE "
+
+
+@dataclass
+class Workload:
+    """One preset's model, optimizer and a fixed random batch, ready to time."""
+
+    model: Farmer
+    optimizer: torch.optim.Optimizer
+    images: Tensor
+    labels: Tensor | None
+    grad_clip: float
+    amp: torch.dtype | None
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        # The trainer's precision policy: bf16 autocast on accelerators, fp32 on the CPU.
+        device = self.images.device.type
+        return torch.autocast(device, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def train_step(self) -> None:
+        self.model.train()
+        with self._autocast():
+            loss, _ = self.model(self.images, self.labels)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def log_prob(self) -> None:
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            self.model.log_prob(self.images, self.labels)
+
+    def run(self, phase: str) -> Callable[[], None]:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        return self.train_step if phase == "train" else self.log_prob
+
+
+def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0) -> Workload:
+    """Random-initialised model of ``preset`` with the trainer's AdamW settings and a random batch in [-1, 1]."""
+    if batch < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch}")
+    config = FarmerConfig.preset(preset)
+    train_config = TrainConfig.preset(preset)
+    torch.manual_seed(seed)
+    model = Farmer(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay,
+                                  betas=(train_config.beta1, train_config.beta2))
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, config.channels, config.image_size, config.image_size)
+    images = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+    labels = None
+    if config.conditional:
+        labels = torch.randint(0, config.num_classes, (batch,), generator=generator).to(device)
+    return Workload(model, optimizer, images, labels, train_config.grad_clip, autocast_dtype(device))
+
+
+# FLOPs -------------------------------------------------------------------------------------------------
+def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                         **kwargs: Any) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one, which would leave attention
+# (~7% of the mnist step) uncounted on the CPU. Like torch's own formulas, these count full (non-causal)
+# attention.
+_CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+}
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls and attention; elementwise ops are not counted)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# Memory ------------------------------------------------------------------------------------------------
+def probe_memory(preset: str, batch: int, device: torch.device, phase: str, steps: int) -> dict[str, Any]:
+    """Peak memory of ``steps`` calls of ``phase`` measured in *this* process (call it in a fresh one).
+
+    On the CPU: peak RSS after the calls minus the RSS just before them (model, optimizer and batch already
+    built); the first training step also allocates AdamW's moments. On accelerators: the allocator's peak.
+    """
+    workload = build_workload(preset, batch, device)
+    fn = workload.run(phase)
+    if device.type == "cpu":
+        before = current_rss_bytes()
+        for _ in range(steps):
+            fn()
+        peak = peak_rss_bytes()
+        return {"kind": "cpu_peak_rss", "phase": phase, "steps": steps, "peak_mib": peak / MIB,
+                "before_mib": None if before is None else before / MIB,
+                "peak_delta_mib": None if before is None else (peak - before) / MIB}
+    torch.accelerator.synchronize(device)
+    before = torch.accelerator.memory_allocated(device)
+    torch.accelerator.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        fn()
+    torch.accelerator.synchronize(device)
+    peak = torch.accelerator.max_memory_allocated(device)
+    return {"kind": "accelerator_peak_allocated", "phase": phase, "steps": steps, "peak_mib": peak / MIB,
+            "before_mib": before / MIB, "peak_delta_mib": (peak - before) / MIB}
+
+
+def memory_in_subprocess(preset: str, batch: int, device: torch.device, phase: str, steps: int,
+                         threads: int) -> dict[str, Any]:
+    """Run :func:`probe_memory` in a fresh interpreter: a process's peak RSS only ever grows."""
+    command = [sys.executable, "-m", "benchmarks.bench_train", "--probe", phase, "--presets", preset,
+               "--batch-size", str(batch), "--device", str(device), "--threads", str(threads),
+               "--probe-steps", str(steps)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_MARKER)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe {phase} {preset} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(lines[-1].removeprefix(PROBE_MARKER))
+
+
+# Benchmark -----------------------------------------------------------------------------------------------
+def bench_preset(preset: str, batch: int, device: torch.device, repeats: Repeats, peak_gflops: float,
+                 threads: int, probe_steps: int) -> dict[str, Any]:
+    workload = build_workload(preset, batch, device)
+    config = workload.model.config
+    result: dict[str, Any] = {
+        "preset": preset, "batch": batch,
+        "parameters": sum(p.numel() for p in workload.model.parameters()),
+        "tokens": config.num_tokens, "token_dim": config.token_dim,
+        "precision": "fp32" if workload.amp is None else str(workload.amp).removeprefix("torch."),
+    }
+    for phase in PHASES:
+        fn = workload.run(phase)
+        timing = measure(fn, device, repeats)
+        flops = count_flops(fn)
+        achieved = flops / timing.median / 1e9
+        result[phase] = {
+            **timing.to_dict(),
+            "images_per_s": batch / timing.median,
+            "flops": flops,
+            "achieved_gflops": achieved,
+            "fraction_of_peak": achieved / peak_gflops,
+            "memory": memory_in_subprocess(preset, batch, device, phase, probe_steps, threads),
+        }
+    return result
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    for phase in PHASES:
+        r = row[phase]
+        print(f"{row['preset']:>6} {phase:>8} batch {row['batch']:>3}: {r['images_per_s']:9.1f} img/s  "
+              f"{r['median_s'] * 1e3:8.1f} ms/step  {r['flops'] / 1e9:7.2f} GFLOP  "
+              f"{r['achieved_gflops']:6.1f} GFLOP/s = {100 * r['fraction_of_peak']:5.1f}% of peak  "
+              f"peak mem +{r['memory']['peak_delta_mib'] or 0:.0f} MiB ({r['memory']['peak_mib']:.0f} MiB total)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="model presets to measure")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--probe", choices=PHASES, default=None, help=argparse.SUPPRESS)  # memory subprocess
+    parser.add_argument("--probe-steps", type=positive_int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    for preset in args.presets:
+        FarmerConfig.preset(preset)  # fail on a typo before minutes of measuring
+    threads = set_threads(args.threads)
+    device = resolve_device(args.device)
+    repeats = repeats_for(args.quick)
+    if args.probe is not None:
+        print(PROBE_MARKER + json.dumps(probe_memory(args.presets[0], args.batch_size, device, args.probe,
+                                                     args.probe_steps or 1)))
+        return None
+
+    compute_dtype = autocast_dtype(device) or torch.float32  # the dtype the step's matmuls run in
+    peak = matmul_peak(device, compute_dtype, repeats=3 if args.quick else 10)
+    print(f"matmul peak ({peak['size']}², {peak['dtype']}, {threads} threads): {peak['gflops']:.1f} GFLOP/s")
+    rows = []
+    for preset in args.presets:
+        rows.append(bench_preset(preset, args.batch_size, device, repeats, peak["gflops"], threads,
+                                 probe_steps=1 if args.quick else 2))
+        _print_row(rows[-1])
+    result = {"name": "train", "environment": environment(device), "quick": args.quick,
+              "repeats": {"warmup": repeats.warmup, "repeats": repeats.repeats},
+              "matmul_peak": peak, "presets": rows}
+    print(f"wrote {write_result('train', result, args.out)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

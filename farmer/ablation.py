@@ -1,0 +1,298 @@
+"""The paper's component ablation at small scale, with equal training budgets (spec §3, §4, §6).
+
+Every trained variant gets the same data, steps, batch size, learning-rate schedule, EMA and seed; only
+the model config differs from the baseline:
+
+    farmer               the baseline (a preset, optionally shrunk with overrides for the budget)
+    no_dim_reduction     informative_channels=None: the AR models every channel token by token (§3)
+    no_condition_repeat  condition_repeat=1 (§4)
+    no_final_permute     final_permute=False (§1.4)
+    normal_prior         prior="normal" (a TARFlow-style flow) with flow blocks added to match the
+                         baseline's parameter count
+    cfg_naive            the baseline's weights sampled with JetFormer's naive CFG (§6)
+    cfg_resampling       the baseline's weights sampled with resampling CFG (Algorithm 1), same w
+
+Each variant reports test bits/dim (uniform dequantisation) and, for MNIST / Fashion-MNIST, classifier
+metrics of class-balanced samples. Results go to ``<out>/<variant>/result.json``; a variant whose result
+exists is skipped, and an interrupted training run resumes from its checkpoint, so re-running the same
+command continues where it stopped. ``<out>/results.md`` and ``<out>/results.json`` collect everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from farmer.analysis import balanced_labels, generate, has_classifier
+from farmer.checkpoint import load_model, write_json_atomic
+from farmer.classifier import classifier_metrics
+from farmer.config import FarmerConfig
+from farmer.data import make_dataset
+from farmer.guidance import NaiveGuidance, ResamplingGuidance
+from farmer.images import save_grid
+from farmer.model import Farmer
+from farmer.prior import Guidance
+from farmer.train import TrainConfig, evaluate_bpd, train
+
+BASELINE = "farmer"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    changes: dict[str, Any] = field(default_factory=dict)  # FarmerConfig fields changed from the baseline
+    guidance: str | None = None  # "naive" or "resampling": sample the baseline's weights with this CFG
+
+    @property
+    def trains(self) -> bool:
+        return self.guidance is None
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(BASELINE, "baseline"),
+        Variant("no_dim_reduction", "no dimension reduction (d_I = d)", {"informative_channels": None}),
+        Variant("no_condition_repeat", "no condition repeat (M = 1)", {"condition_repeat": 1}),
+        Variant("no_final_permute", "no final permute", {"final_permute": False}),
+        # Flow blocks are added by variant_config to match the baseline's parameter count.
+        Variant(
+            "normal_prior", "standard-normal prior (flow only, unconditional, params matched)", {"prior": "normal"}
+        ),
+        Variant("cfg_naive", "baseline + naive CFG", guidance="naive"),
+        Variant("cfg_resampling", "baseline + resampling CFG", guidance="resampling"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """One budget for every variant. ``model_overrides`` shrink the preset for all variants alike."""
+
+    data: str = "mnist"
+    data_root: str | None = None
+    preset: str = "mnist"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 40
+    # A short run: the EMA must forget the early weights within the budget (window ~1/(1 − decay) steps).
+    ema_decay: float = 0.99
+    seed: int = 0
+    eval_images: int = 1000  # test images for bits/dim
+    num_samples: int = 500  # class-balanced samples for the classifier metrics
+    sample_batch: int = 250
+    guidance_scale: float = 1.5  # w of both CFG variants
+    variants: tuple[str, ...] = tuple(VARIANTS)
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"unknown or no variants {unknown}; choose from {', '.join(VARIANTS)}")
+        for key in ("steps", "batch_size", "eval_images", "sample_batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+
+    @classmethod
+    def smoke(cls, **changes: Any) -> AblationConfig:
+        """A seconds-long run on the 8x8 digits with the tiny preset: two variants, a handful of steps."""
+        base = dict(
+            data="digits",
+            preset="tiny",
+            steps=4,
+            batch_size=16,
+            warmup_steps=2,
+            eval_images=32,
+            num_samples=20,
+            variants=(BASELINE, "no_final_permute"),
+        )
+        return cls(**{**base, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def budget(self) -> dict[str, Any]:
+        """Everything a variant's result depends on (not which other variants run), JSON-shaped."""
+        return json.loads(json.dumps({k: v for k, v in self.to_dict().items() if k != "variants"}))
+
+
+# Configs and parameter counts ---------------------------------------------------------------------------
+def parameter_counts(config: FarmerConfig) -> dict[str, int]:
+    """Parameters of the flow (AF), the prior (AR) and in total, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Farmer(config)
+    flow = sum(p.numel() for p in model.flow.parameters())
+    prior = sum(p.numel() for p in model.prior.parameters())
+    return {"flow": flow, "prior": prior, "total": flow + prior}
+
+
+def baseline_config(cfg: AblationConfig) -> FarmerConfig:
+    return FarmerConfig.preset(cfg.preset).replace(**cfg.model_overrides)
+
+
+def matched_flow_blocks(baseline: FarmerConfig, config: FarmerConfig) -> FarmerConfig:
+    """``config`` (a flow-only, prior="normal" variant) with as many flow blocks as bring its parameter count
+    closest to the baseline's: the flow-only model gets the AR's parameters as extra flow depth."""
+    target = parameter_counts(baseline)["total"]
+    candidates = [config.replace(flow_blocks=b) for b in range(1, 4 * baseline.flow_blocks + 5)]
+    return min(candidates, key=lambda c: abs(parameter_counts(c)["total"] - target))
+
+
+def variant_config(cfg: AblationConfig, name: str) -> FarmerConfig:
+    baseline = baseline_config(cfg)
+    config = baseline.replace(**VARIANTS[name].changes, name=f"ablation-{name}")
+    return matched_flow_blocks(baseline, config) if config.prior == "normal" else config
+
+
+def train_config(cfg: AblationConfig) -> TrainConfig:
+    """The shared budget; evaluation and samples only at the end, a checkpoint every ~10 % for resuming."""
+    return dataclasses.replace(
+        TrainConfig.preset(cfg.preset),
+        data=cfg.data,
+        data_root=cfg.data_root,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup_steps=min(cfg.warmup_steps, cfg.steps),
+        ema_decay=cfg.ema_decay,
+        seed=cfg.seed,
+        eval_every=cfg.steps,
+        eval_images=min(cfg.eval_images, 100),  # the trainer's own end-of-run check; run_variant reports the bpd
+        sample_every=cfg.steps,
+        save_every=max(1, cfg.steps // 10),
+        log_every=max(1, min(50, cfg.steps)),
+    )
+
+
+def _guidance(kind: str | None, scale: float) -> Guidance | None:
+    if kind is None:
+        return None
+    return NaiveGuidance(scale=scale) if kind == "naive" else ResamplingGuidance(scale=scale)
+
+
+# Running ------------------------------------------------------------------------------------------------
+def run_variant(
+    cfg: AblationConfig, name: str, out_dir: str | Path, device: str | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Train (or reuse the baseline for CFG variants), evaluate and write ``<out>/<name>/result.json``;
+    return the stored result without any work when it already exists."""
+    out_dir = Path(out_dir)
+    result_file = out_dir / name / "result.json"
+    budget = cfg.budget()
+    if result_file.is_file():
+        stored = json.loads(result_file.read_text())
+        if stored.get("budget") != budget:
+            raise ValueError(
+                f"{result_file} was made with a different budget {stored.get('budget')} (now "
+                f"{budget}); use a new output directory"
+            )
+        log(f"[{name}] done already: {result_file}")
+        return stored
+    variant = VARIANTS[name]
+    model_config = variant_config(cfg, BASELINE if not variant.trains else name)
+    run_dir = out_dir / (name if variant.trains else BASELINE)
+    start = time.perf_counter()
+    log(f"[{name}] {variant.description}: training {run_dir} ({cfg.steps} steps of {cfg.batch_size})")
+    train(
+        model_config,
+        train_config(cfg),
+        run_dir,
+        device=device,
+        progress=False,
+        log=lambda line: log(f"[{name}] {line}"),
+    )
+    train_seconds = time.perf_counter() - start
+    model = load_model(run_dir, map_location=device or "cpu")
+    test_set = make_dataset(cfg.data, "test", cfg.data_root, model_config.image_size)
+    bpd = evaluate_bpd(model, test_set, max_images=cfg.eval_images, seed=cfg.seed)
+    log(f"[{name}] test bits/dim {bpd:.4f} on {min(cfg.eval_images, len(test_set))} images")
+
+    start = time.perf_counter()
+    guidance = _guidance(variant.guidance, cfg.guidance_scale)
+    labels = balanced_labels(model, cfg.num_samples)
+    pixels = generate(model, cfg.num_samples, labels, cfg.seed, cfg.sample_batch, guidance=guidance)
+    # No classifier for e.g. the 8x8 digits: the samples still make the grid.
+    metrics = classifier_metrics(pixels, cfg.data, labels) if has_classifier(model, cfg.data) else {}
+    save_grid(pixels[:100], out_dir / name / "samples.png", nrow=10, scale=2)
+    result = {
+        "variant": name,
+        "budget": budget,
+        "description": variant.description,
+        "checkpoint": str(run_dir),
+        "guidance": variant.guidance,
+        "guidance_scale": cfg.guidance_scale if variant.guidance else None,
+        "params": parameter_counts(model_config),
+        "model": model_config.to_dict(),
+        "test_bpd": bpd,
+        "bpd_images": min(cfg.eval_images, len(test_set)),
+        **{k: metrics.get(k) for k in ("classifier_score", "frechet_distance", "accuracy")},
+        "num_samples": cfg.num_samples,
+        "train_seconds": round(train_seconds, 1),  # of this invocation (0 when the checkpoint was complete)
+        "sample_seconds": round(time.perf_counter() - start, 1),
+    }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(result_file, result)
+    scores = ", ".join(
+        f"{k} {metrics[k]:.4g}" for k in ("classifier_score", "frechet_distance", "accuracy") if k in metrics
+    )
+    log(f"[{name}] {cfg.num_samples} samples in {result['sample_seconds']} s" + (f": {scores}" if scores else ""))
+    return result
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(cfg: AblationConfig, results: list[dict[str, Any]]) -> str:
+    """The markdown report: the shared budget, then one row per variant."""
+    lines = [
+        f"# FARMER ablation on {cfg.data} (preset {cfg.preset}"
+        + (f", overrides {cfg.model_overrides}" if cfg.model_overrides else "")
+        + ")",
+        "",
+        f"Equal budget for every trained variant: {cfg.steps} steps of batch {cfg.batch_size}, lr {cfg.lr:g} "
+        f"(warm-up {cfg.warmup_steps}, cosine), EMA {cfg.ema_decay}, seed {cfg.seed}. Test bits/dim with "
+        f"uniform dequantisation on {cfg.eval_images} test images; sample metrics from the data set's "
+        f"classifier on {cfg.num_samples} class-balanced samples (s = T = 1 unless guided; CFG w = "
+        f"{cfg.guidance_scale:g}). CFG rows reuse the baseline's weights.",
+        "",
+        "| variant | change | AF params | AR params | total | test bpd ↓ | classifier score ↑ "
+        "| Fréchet dist. ↓ | accuracy ↑ |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        p = r["params"]
+        lines.append(
+            f"| {r['variant']} | {r['description']} | {p['flow']:,} | {p['prior']:,} | {p['total']:,} "
+            f"| {_cell(r['test_bpd'], 4)} | {_cell(r['classifier_score'])} | {_cell(r['frechet_distance'], 2)} "
+            f"| {_cell(r['accuracy'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(
+    cfg: AblationConfig, out_dir: str | Path, device: str | None = None, log: Callable[[str], None] = print
+) -> list[dict[str, Any]]:
+    """Run every variant of ``cfg`` (resumably) and write ``results.md`` and ``results.json`` to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in cfg.variants:
+        results.append(run_variant(cfg, name, out_dir, device, log))
+        # Rewritten after every variant, so a partial run already has a readable table.
+        (out_dir / "results.md").write_text(results_table(cfg, results))
+        write_json_atomic(out_dir / "results.json", {"config": cfg.to_dict(), "results": results})
+    return results

@@ -1,0 +1,80 @@
+"""End-to-end: the `farmer` command as a user runs it (train -> eval -> distill -> sample)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from farmer.cli import main, parse_classes, shipped_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    code = main(["train", "--preset", "tiny", "--data", "digits", "--out", str(out), "--steps", "12",
+                 "--eval-every", "6", "--sample-every", "12", "--save-every", "6"])
+    assert code == 0
+    return str(out)
+
+
+def test_train_writes_checkpoints_metrics_and_samples(trained_run: str) -> None:
+    from pathlib import Path
+
+    run = Path(trained_run)
+    assert (run / "LATEST").read_text().strip() == "step-00000012"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "test_bpd" in r] == [6, 12]
+    assert Image.open(run / "samples" / "step-00000012.png").size[0] > 0
+    config = json.loads((run / "step-00000012" / "config.json").read_text())
+    assert config["model"]["name"] == "tiny" and config["train"]["steps"] == 12
+
+
+def test_eval_bpd_reports_json(trained_run: str, capsys) -> None:
+    assert main(["eval", "bpd", "--checkpoint", trained_run, "--data", "digits", "--max-images", "64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 64 and 0 < result["bits_per_dim"] < 12
+
+
+def test_sample_grid_and_npz(trained_run: str, tmp_path) -> None:
+    grid, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
+    assert main(["sample", "--checkpoint", trained_run, "--n", "20", "--classes", "0-9", "--guidance", "2.5",
+                 "--out", str(grid), "--npz", str(npz)]) == 0
+    assert Image.open(grid).size[0] > 0
+    data = np.load(npz)
+    assert data["arr_0"].shape == (20, 8, 8, 1) and data["arr_0"].dtype == np.uint8
+    assert data["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+
+
+def test_distill_then_sample_with_either_inverse(trained_run: str, tmp_path) -> None:
+    out = tmp_path / "distilled"
+    assert main(["distill", "--teacher", trained_run, "--out", str(out), "--steps", "4", "--batch-size", "16"]) == 0
+    for inverse in ("exact", "distilled"):
+        path = tmp_path / f"{inverse}.npz"
+        assert main(["sample", "--checkpoint", str(out), "--n", "4", "--out", str(tmp_path / "g.png"),
+                     "--npz", str(path), "--inverse", inverse, "--seed", "1"]) == 0
+    exact, distilled = np.load(tmp_path / "exact.npz")["arr_0"], np.load(tmp_path / "distilled.npz")["arr_0"]
+    assert exact.shape == distilled.shape  # same latents, two inverses: close but not bit-equal images
+    assert np.abs(exact.astype(int) - distilled.astype(int)).mean() < 64
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys) -> None:
+    assert main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="out of range"):
+        parse_classes("0-12", 10)
+    assert parse_classes("1,4-6", 10) == [1, 4, 5, 6]
+
+
+def test_shipped_model_loads_and_samples(tmp_path) -> None:
+    try:
+        checkpoint = shipped_checkpoint()
+    except FileNotFoundError:
+        pytest.skip("no shipped checkpoint in this checkout")
+    torch.manual_seed(0)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--n", "10", "--classes", "0-9", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
+    metrics = json.loads((checkpoint / "metrics.json").read_text())
+    assert metrics["test_bits_per_dim"] > 0
