@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,12 @@ from benchmarks.common import (
     Repeats,
     Timing,
     add_common_args,
+    cpu_usage,
     environment,
     positive_int,
     repeats_for,
     resolve_device,
     set_threads,
-    synchronize,
     timed,
     write_result,
 )
@@ -43,8 +44,9 @@ from farmer.model import Farmer
 BATCHES = (1, 64)
 
 
-def build_model(preset: str, checkpoint: Path | None, distilled: bool, device: torch.device,
-                seed: int = 0) -> tuple[Farmer, dict[str, Any]]:
+def build_model(
+    preset: str, checkpoint: Path | None, distilled: bool, device: torch.device, seed: int = 0
+) -> tuple[Farmer, dict[str, Any]]:
     """The model to time and a record of where it came from (weights, student)."""
     if checkpoint is not None:
         model = load_model(checkpoint, map_location=device)
@@ -59,53 +61,69 @@ def build_model(preset: str, checkpoint: Path | None, distilled: bool, device: t
     elif distilled:
         model.student = DistilledInverse.from_teacher(model.config, model.flow).to(device).eval()
         student = "from_teacher (untrained; timing only)"
-    info = {"source": source, "config": model.config.to_dict(), "student": student,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    info = {
+        "source": source,
+        "config": model.config.to_dict(),
+        "student": student,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     return model, info
 
 
-def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+def _median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
     return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 @torch.no_grad()
-def bench_case(model: Farmer, batch: int, guidance: ResamplingGuidance | None, device: torch.device,
-               repeats: Repeats, seed: int = 0) -> dict[str, Any]:
+def bench_case(
+    model: Farmer,
+    batch: int,
+    guidance: ResamplingGuidance | None,
+    device: torch.device,
+    repeats: Repeats,
+    seed: int = 0,
+) -> dict[str, Any]:
     """AR time, exact (and distilled) inverse time, totals and speed-ups for one batch size / guidance."""
     config = model.config
     y = torch.arange(batch, device=device) % config.num_classes if config.conditional else None
     labels = model.check_labels(y, batch, device)
     generator = torch.Generator(device).manual_seed(seed)
     inverses = ["exact"] + (["distilled"] if model.student is not None else [])
-    times: dict[str, list[float]] = {"ar": [], **{name: [] for name in inverses}}
+    laps: dict[str, list[tuple[float, float]]] = {"ar": [], **{name: [] for name in inverses}}
 
     def one_pass(record: bool) -> None:
-        (informative, redundant), ar_s = timed(lambda: model.prior.sample(labels, generator, guidance), device)
+        (informative, redundant), *ar_lap = timed(lambda: model.prior.sample(labels, generator, guidance), device)
         if record:
-            times["ar"].append(ar_s)
+            laps["ar"].append(tuple(ar_lap))
         for name in inverses:
-            _, inverse_s = timed(lambda name=name: model.decode(informative, redundant, inverse=name), device)
+            _, *lap = timed(lambda name=name: model.decode(informative, redundant, inverse=name), device)
             if record:
-                times[name].append(inverse_s)
+                laps[name].append(tuple(lap))
 
     for _ in range(repeats.warmup):
         one_pass(record=False)
-    synchronize(device)
     for _ in range(repeats.repeats):
         one_pass(record=True)
 
-    row: dict[str, Any] = {"batch": batch, "guidance": "none" if guidance is None else "resampling",
-                           "ar": Timing(tuple(times["ar"])).to_dict()}
+    timings = {name: Timing.from_laps(value) for name, value in laps.items()}
+    # Per-repeat totals: this repeat's AR time plus its inverse time on the latents that AR drew.
+    totals = {name: [a + b for a, b in zip(timings["ar"].wall, timings[name].wall, strict=True)] for name in inverses}
+    row: dict[str, Any] = {
+        "batch": batch,
+        "guidance": "none" if guidance is None else "resampling",
+        "ar": timings["ar"].to_dict(),
+    }
     for name in inverses:
-        totals = [a + b for a, b in zip(times["ar"], times[name], strict=True)]
-        total = statistics.median(totals)
-        row[name] = {"inverse": Timing(tuple(times[name])).to_dict(), "total_median_s": total,
-                     "per_image_s": total / batch, "images_per_s": batch / total}
+        total = statistics.median(totals[name])
+        row[name] = {
+            "inverse": timings[name].to_dict(),
+            "total_median_s": total,
+            "per_image_s": total / batch,
+            "images_per_s": batch / total,
+        }
     if "distilled" in inverses:
-        row["inverse_speedup"] = _median_ratio(times["exact"], times["distilled"])
-        exact_totals = [a + b for a, b in zip(times["ar"], times["exact"], strict=True)]
-        distilled_totals = [a + b for a, b in zip(times["ar"], times["distilled"], strict=True)]
-        row["total_speedup"] = _median_ratio(exact_totals, distilled_totals)
+        row["inverse_speedup"] = _median_ratio(timings["exact"].wall, timings["distilled"].wall)
+        row["total_speedup"] = _median_ratio(totals["exact"], totals["distilled"])
     return row
 
 
@@ -114,8 +132,10 @@ def _print_row(row: dict[str, Any]) -> None:
     for name in ("exact", "distilled"):
         if name in row:
             r = row[name]
-            head += (f" | {name} inverse {r['inverse']['median_s'] * 1e3:8.1f} ms, total "
-                     f"{r['total_median_s'] * 1e3:8.1f} ms, {r['per_image_s'] * 1e3:7.2f} ms/img")
+            head += (
+                f" | {name} inverse {r['inverse']['median_s'] * 1e3:8.1f} ms, total "
+                f"{r['total_median_s'] * 1e3:8.1f} ms, {r['per_image_s'] * 1e3:7.2f} ms/img"
+            )
     if "inverse_speedup" in row:
         head += f" | speed-up inverse {row['inverse_speedup']:.1f}×, total {row['total_speedup']:.2f}×"
     print(head)
@@ -126,8 +146,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(parser)
     parser.add_argument("--preset", default="mnist", help="model preset (ignored with --checkpoint)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="run or step directory to load")
-    parser.add_argument("--distilled", action="store_true",
-                        help="time the distilled inverse too, building a student from the flow if the model has none")
+    parser.add_argument(
+        "--distilled",
+        action="store_true",
+        help="time the distilled inverse too, building a student from the flow if the model has none",
+    )
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(BATCHES))
     return parser.parse_args(argv)
 
@@ -138,16 +161,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     repeats = repeats_for(args.quick)
     model, info = build_model(args.preset, args.checkpoint, args.distilled, device)
-    print(f"model: {info['source']}, {info['parameters'] / 1e6:.2f}M parameters, student: {info['student']}, "
-          f"{threads} threads on {device}")
+    print(
+        f"model: {info['source']}, {info['parameters'] / 1e6:.2f}M parameters, student: {info['student']}, "
+        f"{threads} threads on {device}"
+    )
     guidances = [None, ResamplingGuidance()] if model.config.conditional else [None]
     rows = []
-    for batch in args.batch_sizes:
-        for guidance in guidances:
-            rows.append(bench_case(model, batch, guidance, device, repeats))
-            _print_row(rows[-1])
-    result = {"name": "sample", "environment": environment(device), "quick": args.quick,
-              "repeats": {"warmup": repeats.warmup, "repeats": repeats.repeats}, "model": info, "rows": rows}
+    with cpu_usage() as usage:
+        for batch in args.batch_sizes:
+            for guidance in guidances:
+                rows.append(bench_case(model, batch, guidance, device, repeats))
+                _print_row(rows[-1])
+    result = {
+        "name": "sample",
+        "environment": environment(device),
+        "quick": args.quick,
+        "repeats": {"warmup": repeats.warmup, "repeats": repeats.repeats},
+        "cpu_usage": usage,
+        "model": info,
+        "rows": rows,
+    }
     print(f"wrote {write_result('sample', result, args.out)}")
     return result
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,15 +30,18 @@ from benchmarks.common import (
     REPO_ROOT,
     Repeats,
     add_common_args,
+    cpu_usage,
     current_rss_bytes,
     environment,
     matmul_peak,
     measure,
     peak_rss_bytes,
+    percent,
     positive_int,
     repeats_for,
     resolve_device,
     set_threads,
+    subprocess_env,
     write_result,
 )
 from farmer.config import FarmerConfig
@@ -96,8 +98,12 @@ def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0)
     train_config = TrainConfig.preset(preset)
     torch.manual_seed(seed)
     model = Farmer(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay,
-                                  betas=(train_config.beta1, train_config.beta2))
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=train_config.lr,
+        weight_decay=train_config.weight_decay,
+        betas=(train_config.beta1, train_config.beta2),
+    )
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, config.channels, config.image_size, config.image_size)
     images = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
@@ -112,8 +118,9 @@ def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = N
     return flop_counter.sdpa_flop_count(query, key, value)
 
 
-def _sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
-                         **kwargs: Any) -> int:
+def _sdpa_backward_flops(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
@@ -148,9 +155,14 @@ def probe_memory(preset: str, batch: int, device: torch.device, phase: str, step
         for _ in range(steps):
             fn()
         peak = peak_rss_bytes()
-        return {"kind": "cpu_peak_rss", "phase": phase, "steps": steps, "peak_mib": peak / MIB,
-                "before_mib": None if before is None else before / MIB,
-                "peak_delta_mib": None if before is None else (peak - before) / MIB}
+        return {
+            "kind": "cpu_peak_rss",
+            "phase": phase,
+            "steps": steps,
+            "peak_mib": peak / MIB,
+            "before_mib": None if before is None else before / MIB,
+            "peak_delta_mib": None if before is None else (peak - before) / MIB,
+        }
     torch.accelerator.synchronize(device)
     before = torch.accelerator.memory_allocated(device)
     torch.accelerator.reset_peak_memory_stats(device)
@@ -158,18 +170,38 @@ def probe_memory(preset: str, batch: int, device: torch.device, phase: str, step
         fn()
     torch.accelerator.synchronize(device)
     peak = torch.accelerator.max_memory_allocated(device)
-    return {"kind": "accelerator_peak_allocated", "phase": phase, "steps": steps, "peak_mib": peak / MIB,
-            "before_mib": before / MIB, "peak_delta_mib": (peak - before) / MIB}
+    return {
+        "kind": "accelerator_peak_allocated",
+        "phase": phase,
+        "steps": steps,
+        "peak_mib": peak / MIB,
+        "before_mib": before / MIB,
+        "peak_delta_mib": (peak - before) / MIB,
+    }
 
 
-def memory_in_subprocess(preset: str, batch: int, device: torch.device, phase: str, steps: int,
-                         threads: int) -> dict[str, Any]:
+def memory_in_subprocess(
+    preset: str, batch: int, device: torch.device, phase: str, steps: int, threads: int
+) -> dict[str, Any]:
     """Run :func:`probe_memory` in a fresh interpreter: a process's peak RSS only ever grows."""
-    command = [sys.executable, "-m", "benchmarks.bench_train", "--probe", phase, "--presets", preset,
-               "--batch-size", str(batch), "--device", str(device), "--threads", str(threads),
-               "--probe-steps", str(steps)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_train",
+        "--probe",
+        phase,
+        "--presets",
+        preset,
+        "--batch-size",
+        str(batch),
+        "--device",
+        str(device),
+        "--threads",
+        str(threads),
+        "--probe-steps",
+        str(steps),
+    ]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_MARKER)]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"memory probe {phase} {preset} failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -177,27 +209,42 @@ def memory_in_subprocess(preset: str, batch: int, device: torch.device, phase: s
 
 
 # Benchmark -----------------------------------------------------------------------------------------------
-def bench_preset(preset: str, batch: int, device: torch.device, repeats: Repeats, peak_gflops: float,
-                 threads: int, probe_steps: int) -> dict[str, Any]:
+def bench_preset(
+    preset: str,
+    batch: int,
+    device: torch.device,
+    repeats: Repeats,
+    peak: dict[str, Any],
+    threads: int,
+    probe_steps: int,
+) -> dict[str, Any]:
+    """Both phases of one preset: timing, images/s, FLOPs, fraction of ``peak`` (from :func:`matmul_peak`), memory."""
     workload = build_workload(preset, batch, device)
     config = workload.model.config
     result: dict[str, Any] = {
-        "preset": preset, "batch": batch,
+        "preset": preset,
+        "batch": batch,
         "parameters": sum(p.numel() for p in workload.model.parameters()),
-        "tokens": config.num_tokens, "token_dim": config.token_dim,
+        "tokens": config.num_tokens,
+        "token_dim": config.token_dim,
         "precision": "fp32" if workload.amp is None else str(workload.amp).removeprefix("torch."),
     }
     for phase in PHASES:
         fn = workload.run(phase)
-        timing = measure(fn, device, repeats)
-        flops = count_flops(fn)
+        flops = count_flops(fn)  # doubles as the first (untimed) warm-up call
+        timing = measure(fn, device, Repeats(max(0, repeats.warmup - 1), repeats.repeats))
         achieved = flops / timing.median / 1e9
+        # The same ratio in CPU seconds: insensitive to other processes taking the cores (CPU only).
+        cpu_fraction = None
+        if peak["cpu_gflops"] and timing.cpu_median > 0:
+            cpu_fraction = flops / timing.cpu_median / 1e9 / peak["cpu_gflops"]
         result[phase] = {
             **timing.to_dict(),
             "images_per_s": batch / timing.median,
             "flops": flops,
             "achieved_gflops": achieved,
-            "fraction_of_peak": achieved / peak_gflops,
+            "fraction_of_peak": achieved / peak["gflops"],
+            "fraction_of_peak_cpu_time": cpu_fraction,
             "memory": memory_in_subprocess(preset, batch, device, phase, probe_steps, threads),
         }
     return result
@@ -206,10 +253,13 @@ def bench_preset(preset: str, batch: int, device: torch.device, repeats: Repeats
 def _print_row(row: dict[str, Any]) -> None:
     for phase in PHASES:
         r = row[phase]
-        print(f"{row['preset']:>6} {phase:>8} batch {row['batch']:>3}: {r['images_per_s']:9.1f} img/s  "
-              f"{r['median_s'] * 1e3:8.1f} ms/step  {r['flops'] / 1e9:7.2f} GFLOP  "
-              f"{r['achieved_gflops']:6.1f} GFLOP/s = {100 * r['fraction_of_peak']:5.1f}% of peak  "
-              f"peak mem +{r['memory']['peak_delta_mib'] or 0:.0f} MiB ({r['memory']['peak_mib']:.0f} MiB total)")
+        print(
+            f"{row['preset']:>6} {phase:>8} batch {row['batch']:>3}: {r['images_per_s']:9.1f} img/s  "
+            f"{r['median_s'] * 1e3:8.1f} ms/step  {r['flops'] / 1e9:7.2f} GFLOP  "
+            f"{r['achieved_gflops']:6.1f} GFLOP/s = {100 * r['fraction_of_peak']:5.1f}% of peak "
+            f"({percent(r['fraction_of_peak_cpu_time'])} by CPU time)  "
+            f"peak mem +{r['memory']['peak_delta_mib'] or 0:.0f} MiB ({r['memory']['peak_mib']:.0f} MiB total)"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -230,21 +280,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     device = resolve_device(args.device)
     repeats = repeats_for(args.quick)
     if args.probe is not None:
-        print(PROBE_MARKER + json.dumps(probe_memory(args.presets[0], args.batch_size, device, args.probe,
-                                                     args.probe_steps or 1)))
+        print(
+            PROBE_MARKER
+            + json.dumps(probe_memory(args.presets[0], args.batch_size, device, args.probe, args.probe_steps or 1))
+        )
         return None
 
     compute_dtype = autocast_dtype(device) or torch.float32  # the dtype the step's matmuls run in
-    peak = matmul_peak(device, compute_dtype, repeats=3 if args.quick else 10)
-    print(f"matmul peak ({peak['size']}², {peak['dtype']}, {threads} threads): {peak['gflops']:.1f} GFLOP/s")
-    rows = []
-    for preset in args.presets:
-        rows.append(bench_preset(preset, args.batch_size, device, repeats, peak["gflops"], threads,
-                                 probe_steps=1 if args.quick else 2))
-        _print_row(rows[-1])
-    result = {"name": "train", "environment": environment(device), "quick": args.quick,
-              "repeats": {"warmup": repeats.warmup, "repeats": repeats.repeats},
-              "matmul_peak": peak, "presets": rows}
+    with cpu_usage() as usage:
+        peak = matmul_peak(device, compute_dtype, repeats=5 if args.quick else 10)
+        print(f"matmul peak ({peak['size']}², {peak['dtype']}, {threads} threads): {peak['gflops']:.1f} GFLOP/s")
+        rows = []
+        for preset in args.presets:
+            rows.append(
+                bench_preset(
+                    preset,
+                    args.batch_size,
+                    device,
+                    repeats,
+                    peak,
+                    threads,
+                    probe_steps=1 if args.quick else 2,
+                )
+            )
+            _print_row(rows[-1])
+    result = {
+        "name": "train",
+        "environment": environment(device),
+        "quick": args.quick,
+        "repeats": {"warmup": repeats.warmup, "repeats": repeats.repeats},
+        "cpu_usage": usage,
+        "matmul_peak": peak,
+        "presets": rows,
+    }
     print(f"wrote {write_result('train', result, args.out)}")
     return result
 

@@ -19,7 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,8 +62,9 @@ def positive_int(text: str) -> int:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """--quick, --threads, --device, --out: the options every benchmark shares."""
     parser.add_argument("--quick", action="store_true", help="one warm-up and two timed repeats (smoke runs)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON results")
 
@@ -74,8 +76,7 @@ def repeats_for(quick: bool) -> Repeats:
 def resolve_device(name: str | None) -> torch.device:
     """The requested device, or the accelerator torch sees, or the CPU."""
     if name is None:
-        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-        return accelerator if accelerator is not None else torch.device("cpu")
+        return torch.accelerator.current_accelerator() or torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -101,35 +102,62 @@ def synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
-def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
-    """(fn(), seconds), synchronising the device before and after."""
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float, float]:
+    """(fn(), wall seconds, CPU seconds of this process), synchronising the device before and after.
+
+    CPU seconds (all threads) exclude the time other processes held the cores: on a shared CPU they are
+    the steadier measure of work, wall seconds the honest measure of waiting.
+    """
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
     synchronize(device)
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 @dataclass(frozen=True)
 class Timing:
-    """The seconds of each timed repeat."""
+    """Wall and CPU seconds of each timed repeat."""
 
-    seconds: tuple[float, ...]
+    wall: tuple[float, ...]
+    cpu: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        if not self.seconds:
-            raise ValueError("a Timing needs at least one measurement")
+        if not self.wall or len(self.wall) != len(self.cpu):
+            raise ValueError(
+                f"a Timing needs >= 1 measurement and as many CPU as wall times, "
+                f"got {len(self.wall)} and {len(self.cpu)}"
+            )
+
+    @classmethod
+    def from_laps(cls, laps: list[tuple[float, float]]) -> Timing:
+        """From (wall, CPU) pairs as :func:`timed` returns them."""
+        return cls(tuple(w for w, _ in laps), tuple(c for _, c in laps))
 
     @property
     def median(self) -> float:
-        return statistics.median(self.seconds)
+        return statistics.median(self.wall)
 
     @property
     def best(self) -> float:
-        return min(self.seconds)
+        return min(self.wall)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
+
+    @property
+    def cpu_best(self) -> float:
+        return min(self.cpu)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"median_s": self.median, "best_s": self.best, "all_s": list(self.seconds)}
+        return {
+            "median_s": self.median,
+            "best_s": self.best,
+            "all_s": list(self.wall),
+            "cpu_median_s": self.cpu_median,
+            "cpu_all_s": list(self.cpu),
+        }
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: Repeats) -> Timing:
@@ -137,15 +165,32 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: Repeats) ->
     for _ in range(repeats.warmup):
         fn()
         synchronize(device)
-    return Timing(tuple(timed(fn, device)[1] for _ in range(repeats.repeats)))
+    return Timing.from_laps([timed(fn, device)[1:] for _ in range(repeats.repeats)])
+
+
+@contextmanager
+def cpu_usage() -> Iterator[dict[str, float]]:
+    """Fills the yielded dict on exit with wall seconds, CPU seconds (this process and its children) and
+    their ratio: with 1 thread, a ratio well below 1 means other processes took the core (noisy numbers)."""
+    usage: dict[str, float] = {}
+    start_wall, start = time.perf_counter(), os.times()
+    try:
+        yield usage
+    finally:
+        end = os.times()
+        wall = time.perf_counter() - start_wall
+        cpu = sum(end[:4]) - sum(start[:4])  # user + system, self + children
+        usage.update(wall_s=wall, cpu_s=cpu, cpu_per_wall=cpu / wall if wall > 0 else float("nan"))
 
 
 # Peak ------------------------------------------------------------------------------------------------------
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
-                repeats: int = 5) -> dict[str, Any]:
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5
+) -> dict[str, Any]:
     """This machine's dense-matmul throughput: best of ``repeats`` square ``size``² products (2·size³ FLOPs).
 
     The best (not the median) repeat estimates the *peak*: noise from other processes only slows a run.
+    ``cpu_gflops`` divides by CPU seconds instead (per core-second of all threads; CPU devices only).
     """
     if size < 1 or repeats < 1:
         raise ValueError(f"size and repeats must be >= 1, got size={size}, repeats={repeats}")
@@ -154,8 +199,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: 
     b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     timing = measure(lambda: a @ b, device, Repeats(warmup=1, repeats=repeats))
     flops = 2 * size**3
-    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
-            "gflops": flops / timing.best / 1e9, "median_gflops": flops / timing.median / 1e9}
+    return {
+        "size": size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "repeats": repeats,
+        "gflops": flops / timing.best / 1e9,
+        "median_gflops": flops / timing.median / 1e9,
+        "cpu_gflops": flops / timing.cpu_best / 1e9 if device.type == "cpu" and timing.cpu_best > 0 else None,
+    }
 
 
 # Memory ----------------------------------------------------------------------------------------------------
@@ -198,8 +249,14 @@ def cpu_model() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -225,6 +282,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def subprocess_env() -> dict[str, str]:
+    """This environment with the repository root on PYTHONPATH, so ``python -m benchmarks.X`` runs anywhere."""
+    paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
 # Output ----------------------------------------------------------------------------------------------------
 def write_result(name: str, data: dict[str, Any], out_dir: Path = RESULTS_DIR) -> Path:
     """Write ``data`` as ``out_dir/NAME.json`` (pretty, keys sorted) and return the path."""
@@ -235,6 +298,11 @@ def write_result(name: str, data: dict[str, Any], out_dir: Path = RESULTS_DIR) -
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def percent(fraction: float | None) -> str:
+    """0.123 -> "12.3%"; None (not measured) -> "n/a"."""
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def read_result(path: Path) -> dict[str, Any]:

@@ -153,8 +153,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     step_dir = resolve_checkpoint(path)
     try:
         data = json.loads((step_dir / CONFIG).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # UnicodeDecodeError: binary garbage
         raise ValueError(f"{step_dir / CONFIG} is corrupt: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{step_dir / CONFIG} is not a farmer checkpoint config (a JSON {type(data).__name__})")
     if data.get("format") != FORMAT_VERSION or "model" not in data:
         raise ValueError(f"{step_dir / CONFIG} is not a farmer checkpoint config (format {data.get('format')!r})")
     return data

@@ -3,7 +3,8 @@
     farmer sample   [--checkpoint DIR] --n 64 --classes 0-9 --guidance 2.5 --out grid.png [--npz FILE]
     farmer train    --preset mnist --data mnist --out runs/NAME [--steps N ...] [--set key=value ...]
     farmer distill  --teacher DIR --out DIR [--steps N]
-    farmer eval     bpd|fid|classifier --checkpoint DIR ...
+    farmer eval     bpd|fid|classifier|distill [--checkpoint DIR | --npz FILE] ...
+    farmer analyze  separation|variance|logdet|unguided --checkpoint DIR --out DIR
     farmer data     prepare NAME
     farmer presets
 """
@@ -19,8 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from tqdm import tqdm
+
+from farmer.data import make_dataset
 
 SHIPPED_CHECKPOINT = "checkpoints/mnist"
 
@@ -145,39 +148,35 @@ def _guidance(args: argparse.Namespace):
     return ResamplingGuidance(scale=args.guidance)
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"guidance": _guidance(args), "variance_scale": args.variance_scale, "temperature": args.temperature,
+            "inverse": args.inverse}
+
+
+def _load(args: argparse.Namespace, ema: bool = True):
     from farmer.checkpoint import load_model
-    from farmer.data import model_to_pixels
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
+    return checkpoint, load_model(checkpoint, ema=ema, map_location=args.device or "cpu")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from farmer.evaluation import generate
     from farmer.images import save_grid, save_npz
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
-    model = load_model(checkpoint, map_location=args.device or "cpu")
+    checkpoint, model = _load(args)
     cfg = model.config
-    classes = parse_classes(args.classes, cfg.num_classes) if cfg.conditional else None
     if args.classes is not None and not cfg.conditional:
         raise ValueError("--classes given, but the model is unconditional")
+    classes = parse_classes(args.classes, cfg.num_classes)
     if classes:
         per_class = max(1, args.n // len(classes))
-        labels = torch.tensor(classes).repeat_interleave(per_class)
-        nrow = per_class
+        labels, nrow = torch.tensor(classes).repeat_interleave(per_class), per_class
     else:
-        labels, nrow = None, max(1, int(args.n**0.5))
-    n = len(labels) if labels is not None else args.n
-    generator = torch.Generator(args.device or "cpu").manual_seed(args.seed)
-    device = next(model.parameters()).device
-    images = []
+        labels, nrow = (torch.arange(args.n) % cfg.num_classes if cfg.conditional else None), max(1, int(args.n**0.5))
+    n = args.n if labels is None else len(labels)
     start = time.perf_counter()
-    with tqdm(total=n, desc="sampling", unit="img") as bar:
-        for lo in range(0, n, args.batch_size):
-            y = None if labels is None else labels[lo:lo + args.batch_size].to(device)
-            count = min(args.batch_size, n - lo)
-            batch = model.sample(count, y, generator, guidance=_guidance(args), variance_scale=args.variance_scale,
-                                 temperature=args.temperature, inverse=args.inverse)
-            images.append(model_to_pixels(batch).cpu())
-            bar.update(count)
-    pixels = torch.cat(images)
+    pixels = generate(model, n, labels, args.seed, args.batch_size, progress=True, **_sampling_options(args))
     elapsed = time.perf_counter() - start
     path = save_grid(pixels, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {path} ({n} images from {checkpoint}, {elapsed:.1f} s, {n / elapsed:.1f} img/s)")
@@ -185,19 +184,79 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {save_npz(pixels, args.npz, labels)}")
 
 
+def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """uint8 NCHW samples and their labels: from --npz, or drawn from the checkpoint (class-balanced)."""
+    from farmer.evaluation import balanced_labels, generate
+    from farmer.metrics import load_npz_images
+
+    if args.npz:
+        images = torch.from_numpy(load_npz_images(args.npz)).permute(0, 3, 1, 2).contiguous()
+        with np.load(args.npz) as data:
+            labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
+        return images, labels, str(args.npz)
+    checkpoint, model = _load(args)
+    labels = balanced_labels(model, args.n)
+    images = generate(model, args.n, labels, args.seed, args.batch_size, progress=True, **_sampling_options(args))
+    return images, labels, str(checkpoint)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
-    from farmer.checkpoint import load_model
-    from farmer.data import make_dataset
-    from farmer.train import evaluate_bpd
+    from farmer import evaluation
+
+    result: dict[str, Any] = {"metric": args.metric, "data": args.data}
+    if args.metric == "bpd":
+        checkpoint, model = _load(args, ema=not args.raw_weights)
+        dataset = make_dataset(args.data, args.split, args.data_root, model.config.image_size)
+        result.update(checkpoint=str(checkpoint), split=args.split,
+                      images=len(dataset) if args.max_images is None else min(args.max_images, len(dataset)),
+                      bits_per_dim=evaluation.evaluate_bpd(model, dataset, args.batch_size, args.max_images,
+                                                           progress=True))
+    elif args.metric == "distill":
+        checkpoint, model = _load(args)
+        report = evaluation.compare_inverses(model, args.n, args.batch_size, args.seed, progress=True)
+        images = report.pop("images")
+        labels = report.pop("labels")
+        result.update(checkpoint=str(checkpoint), **report)
+        if args.data in ("mnist", "fashion-mnist"):
+            from farmer.classifier import classifier_metrics
+
+            result["classifier"] = {k: classifier_metrics(v, args.data, labels) for k, v in images.items()}
+    else:
+        images, labels, source = _samples_for_metrics(args)
+        result["source"] = source
+        if args.metric == "fid":
+            result.update(evaluation.fid_report(images, args.data, args.split, args.reference_images,
+                                                device=args.device, root=args.data_root))
+        else:
+            from farmer.classifier import classifier_metrics
+
+            result.update(classifier_metrics(images, args.data, labels, reference=args.split))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from farmer.analysis import run_analysis
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
-    model = load_model(checkpoint, ema=not args.raw_weights, map_location=args.device or "cpu")
-    if args.metric == "bpd":
-        dataset = make_dataset(args.data, args.split, args.data_root, model.config.image_size)
-        bpd = evaluate_bpd(model, dataset, batch_size=args.batch_size, max_images=args.max_images, progress=True)
-        n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
-        print(json.dumps({"checkpoint": str(checkpoint), "data": args.data, "split": args.split,
-                          "images": n, "bits_per_dim": bpd}))
+    result = run_analysis(args.name, checkpoint, args.out, data=args.data, num_images=args.num_images,
+                          from_samples=args.from_samples, n_per_cell=args.n_per_cell, seed=args.seed,
+                          device=args.device)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser, n: int) -> None:
+    p.add_argument("--checkpoint", default=None, help="run or step directory (default: the shipped model)")
+    p.add_argument("--n", type=int, default=n, help="number of images")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale w (paper: 2.5); omit for no CFG")
+    p.add_argument("--cfg", choices=["resampling", "naive", "none"], default="resampling")
+    p.add_argument("--variance-scale", type=float, default=1.0, help="unguided s (paper: 0.9)")
+    p.add_argument("--temperature", type=float, default=1.0, help="unguided mixture-weight T (paper: 1.3)")
+    p.add_argument("--inverse", choices=["exact", "distilled"], default="exact")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,34 +301,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="draw a PNG grid (and optionally an .npz) from a checkpoint")
-    p.add_argument("--checkpoint", default=None, help="run or step directory (default: the shipped model)")
-    p.add_argument("--n", type=int, default=64)
+    _add_sampling_arguments(p, n=64)
     p.add_argument("--classes", default=None, help="e.g. 0-9 or 1,4,7: one grid row per class")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale w (paper: 2.5); omit for no CFG")
-    p.add_argument("--cfg", choices=["resampling", "naive", "none"], default="resampling")
-    p.add_argument("--variance-scale", type=float, default=1.0, help="unguided s (paper: 0.9)")
-    p.add_argument("--temperature", type=float, default=1.0, help="unguided mixture-weight T (paper: 1.3)")
-    p.add_argument("--inverse", choices=["exact", "distilled"], default="exact")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.add_argument("--npz", default=None, help="also write uint8 NHWC images under arr_0")
     p.add_argument("--scale", type=int, default=2, help="upscale the PNG grid by this factor")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint")
-    p.add_argument("metric", choices=["bpd"])
-    p.add_argument("--checkpoint", default=None)
+    p = sub.add_parser("eval", help="bpd: test bits/dim; fid: FID + precision/recall (Inception); classifier: "
+                       "classifier score, Fréchet distance, class accuracy; distill: student vs exact inverse")
+    p.add_argument("metric", choices=["bpd", "fid", "classifier", "distill"])
+    _add_sampling_arguments(p, n=1000)
+    p.add_argument("--npz", default=None, help="score these samples (arr_0, uint8 NHWC) instead of sampling")
     p.add_argument("--data", default="mnist")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="test")
-    p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--raw-weights", action="store_true", help="use the raw instead of the EMA weights")
-    p.add_argument("--device", default=None)
+    p.add_argument("--split", default="test", help="the data split scored or compared against")
+    p.add_argument("--max-images", type=int, default=None, help="bpd: evaluate only the first N images")
+    p.add_argument("--reference-images", type=int, default=10_000, help="fid: reference images for statistics")
+    p.add_argument("--raw-weights", action="store_true", help="bpd: use the raw instead of the EMA weights")
+    p.add_argument("--json", default=None, help="also write the result to this file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="the paper's analyses as figures (spec §9)")
+    p.add_argument("name", choices=["separation", "variance", "logdet", "unguided"])
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--out", default="analysis")
+    p.add_argument("--data", default=None)
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--from-samples", action="store_true")
+    p.add_argument("--n-per-cell", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 

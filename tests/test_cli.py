@@ -10,15 +10,6 @@ from PIL import Image
 from farmer.cli import main, parse_classes, shipped_checkpoint
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    code = main(["train", "--preset", "tiny", "--data", "digits", "--out", str(out), "--steps", "12",
-                 "--eval-every", "6", "--sample-every", "12", "--save-every", "6"])
-    assert code == 0
-    return str(out)
-
-
 def test_train_writes_checkpoints_metrics_and_samples(trained_run: str) -> None:
     from pathlib import Path
 

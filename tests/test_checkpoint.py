@@ -1,0 +1,306 @@
+"""Checkpoints: round trip, atomic saves under simulated crashes, clear load errors, optimizer state."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_model, small_config
+from safetensors.torch import load_file, save_file
+
+import farmer.checkpoint as ckpt
+from farmer.checkpoint import (
+    CONFIG,
+    EMA_WEIGHTS,
+    LATEST,
+    MODEL_WEIGHTS,
+    OPTIMIZER,
+    TRAINER,
+    flatten_optimizer_state,
+    load_model,
+    load_weights,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer_state,
+)
+from farmer.model import Farmer
+
+CONFIG_TINY = small_config()
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    return random_model(CONFIG_TINY, seed=seed).state_dict()
+
+
+def _save(run: Path, step: int, seed: int, **kwargs: object) -> Path:
+    """A checkpoint whose model weights come from ``seed`` and whose EMA weights from ``seed + 100``."""
+    return save_checkpoint(run, step, {"model": CONFIG_TINY.to_dict()}, _weights(seed), _weights(seed + 100), **kwargs)
+
+
+def _assert_same_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+def _visible_entries(run: Path) -> set[str]:
+    return {p.name for p in run.iterdir()}
+
+
+# Round trip and bookkeeping ---------------------------------------------------------------------------
+def test_round_trip_loads_ema_by_default_and_model_on_request(tmp_path: Path) -> None:
+    final = _save(tmp_path, 7, seed=1)
+    assert final == tmp_path / "step-00000007"
+    assert (tmp_path / LATEST).read_text().strip() == final.name
+    assert read_config(tmp_path)["step"] == 7
+    _assert_same_weights(load_model(tmp_path), _weights(101))
+    _assert_same_weights(load_model(final, ema=False), _weights(1))
+    assert not load_model(tmp_path).training  # loaded for inference
+
+
+def test_keep_prunes_old_steps_and_latest_follows_newest(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        _save(tmp_path, step, seed=step, keep=2)
+    assert _visible_entries(tmp_path) == {LATEST, "step-00000002", "step-00000003"}
+    _assert_same_weights(load_model(tmp_path, ema=False), _weights(3))
+
+
+def test_resaving_a_step_replaces_it(tmp_path: Path) -> None:
+    _save(tmp_path, 1, seed=1)
+    _save(tmp_path, 1, seed=2)
+    assert _visible_entries(tmp_path) == {LATEST, "step-00000001"}
+    _assert_same_weights(load_model(tmp_path, ema=False), _weights(2))
+
+
+# Atomic saves -------------------------------------------------------------------------------------------
+def _assert_previous_checkpoint_intact(run: Path) -> None:
+    """LATEST still names step 1, which loads with its own weights, and no temporary entry is left."""
+    assert (run / LATEST).read_text().strip() == "step-00000001"
+    _assert_same_weights(load_model(run), _weights(101))
+    _assert_same_weights(load_model(run, ema=False), _weights(1))
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".step-")], "temporary step dir left behind"
+
+
+@pytest.mark.parametrize("failing_file", [MODEL_WEIGHTS, EMA_WEIGHTS, OPTIMIZER])
+def test_crash_while_writing_a_file_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_file: str
+) -> None:
+    _save(tmp_path, 1, seed=1)
+
+    def half_written_then_crash(tensors: dict[str, torch.Tensor], filename: str) -> None:
+        if Path(filename).name == failing_file:
+            Path(filename).write_bytes(b"partial")  # the crash leaves a truncated file
+            raise OSError("simulated crash: disk full")
+        save_file(tensors, filename)
+
+    monkeypatch.setattr(ckpt, "save_file", half_written_then_crash)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    with pytest.raises(OSError, match="simulated crash"):
+        _save(tmp_path, 2, seed=2, optimizer=opt.state_dict(), trainer={"step": 2})
+    assert _visible_entries(tmp_path) == {LATEST, "step-00000001"}
+    _assert_previous_checkpoint_intact(tmp_path)
+
+
+def test_crash_while_renaming_the_step_dir_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _save(tmp_path, 1, seed=1)
+    real_replace = os.replace
+
+    def crash_on_step_rename(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).name.startswith("step-"):
+            raise OSError("simulated crash during rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_step_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        _save(tmp_path, 2, seed=2)
+    monkeypatch.undo()
+    assert _visible_entries(tmp_path) == {LATEST, "step-00000001"}
+    _assert_previous_checkpoint_intact(tmp_path)
+
+
+def test_crash_before_latest_moves_keeps_pointing_at_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _save(tmp_path, 1, seed=1)
+    real_replace = os.replace
+
+    def crash_on_latest(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).name == LATEST:
+            raise OSError("simulated crash before LATEST moved")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_latest)
+    with pytest.raises(OSError, match="simulated crash"):
+        _save(tmp_path, 2, seed=2)
+    monkeypatch.undo()
+    # The new step dir is complete (it was renamed into place), but LATEST was never moved to it.
+    _assert_previous_checkpoint_intact(tmp_path)
+    _assert_same_weights(load_model(tmp_path / "step-00000002", ema=False), _weights(2))
+    # The next save recovers: it rewrites step 2 and moves LATEST.
+    _save(tmp_path, 2, seed=3)
+    assert (tmp_path / LATEST).read_text().strip() == "step-00000002"
+    _assert_same_weights(load_model(tmp_path, ema=False), _weights(3))
+
+
+# Load errors --------------------------------------------------------------------------------------------
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_model(tmp_path / "nope")
+
+
+def test_directory_without_config_or_latest(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"neither {CONFIG} nor {LATEST}"):
+        load_model(tmp_path)
+
+
+def test_latest_pointing_at_a_missing_step(tmp_path: Path) -> None:
+    _save(tmp_path, 1, seed=1)
+    (tmp_path / LATEST).write_text("step-00000009\n")
+    with pytest.raises(FileNotFoundError, match="step-00000009"):
+        resolve_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"format": 1, "model": {', "corrupt"),
+        (b"\xff\xfe\x00garbage", "corrupt"),
+        (b"[1, 2, 3]", "not a farmer checkpoint config"),
+        (b'{"format": 99, "model": {}}', "not a farmer checkpoint config"),
+        (b'{"format": 1}', "not a farmer checkpoint config"),
+    ],
+)
+def test_corrupt_or_foreign_config(tmp_path: Path, content: bytes, message: str) -> None:
+    step_dir = _save(tmp_path, 1, seed=1)
+    (step_dir / CONFIG).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_model(tmp_path)
+    assert CONFIG in str(info.value)  # the error names the file
+
+
+def test_config_with_unknown_model_field(tmp_path: Path) -> None:
+    step_dir = _save(tmp_path, 1, seed=1)
+    data = json.loads((step_dir / CONFIG).read_text())
+    data["model"]["wings"] = 2
+    (step_dir / CONFIG).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"unknown FarmerConfig field.*wings"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_corrupt_weights_file(tmp_path: Path, damage: str) -> None:
+    step_dir = _save(tmp_path, 1, seed=1)
+    file = step_dir / EMA_WEIGHTS
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x07" * 64}[damage])
+    with pytest.raises(ValueError, match=f"corrupt weights file.*{EMA_WEIGHTS}"):
+        load_model(tmp_path)
+    load_model(tmp_path, ema=False)  # the other file is untouched and still loads
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    step_dir = _save(tmp_path, 1, seed=1)
+    (step_dir / MODEL_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing weights file.*{MODEL_WEIGHTS}"):
+        load_weights(step_dir / MODEL_WEIGHTS)
+    with pytest.raises(FileNotFoundError, match=MODEL_WEIGHTS):
+        load_model(tmp_path, ema=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prior_width": 64}, "shape mismatch"),  # same tensors, other shapes
+        ({"flow_blocks": 3}, "missing"),  # a block the weights do not have
+        ({"flow_blocks": 1}, "unexpected"),  # weights of a block the config does not have
+    ],
+)
+def test_config_edited_to_mismatch_the_weights(tmp_path: Path, change: dict[str, int], message: str) -> None:
+    step_dir = _save(tmp_path, 1, seed=1)
+    data = json.loads((step_dir / CONFIG).read_text())
+    data["model"].update(change)
+    (step_dir / CONFIG).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"does not match the model built from its config.*{message}"):
+        load_model(tmp_path)
+
+
+def test_expected_config_mismatch_lists_exactly_the_differing_fields(tmp_path: Path) -> None:
+    _save(tmp_path, 1, seed=1)
+    expected = CONFIG_TINY.replace(flow_width=64, noise_std_start=0.2)
+    with pytest.raises(ValueError, match="does not match") as info:
+        load_model(tmp_path, expected=expected)
+    message = str(info.value)
+    assert "flow_width" in message and "noise_std_start" in message
+    assert "prior_width" not in message and "flow_blocks" not in message
+    # The free-form name is provenance, not architecture: a different one still matches.
+    assert isinstance(load_model(tmp_path, expected=CONFIG_TINY.replace(name="renamed")), Farmer)
+
+
+# Optimizer state ------------------------------------------------------------------------------------------
+def _trained_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2
+    )
+    for _ in range(3):
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path) -> None:
+    model, opt = _trained_optimizer(seed=0)
+    tensors, meta = flatten_optimizer_state(opt.state_dict())
+    save_file(tensors, str(tmp_path / OPTIMIZER))
+    (tmp_path / TRAINER).write_text(json.dumps(meta))
+    meta = json.loads((tmp_path / TRAINER).read_text())
+    restored = unflatten_optimizer_state(load_file(str(tmp_path / OPTIMIZER)), meta)
+
+    original = opt.state_dict()
+    # JSON turns the betas tuple into a list; AdamW reads either the same way (the next step below shows it).
+    assert restored["param_groups"] == json.loads(json.dumps(original["param_groups"]))
+    assert restored["state"].keys() == original["state"].keys()
+    for index, entry in original["state"].items():
+        assert restored["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            assert torch.equal(restored["state"][index][key], value), (index, key)
+
+    # A fresh optimizer loaded from the round trip takes the very same next step as the original.
+    twin, twin_opt = _trained_optimizer(seed=1)
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(restored)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        torch.manual_seed(5)
+        m(torch.randn(5, 3)).pow(2).mean().backward()
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_optimizer_state_keeps_scalars_and_parameter_names() -> None:
+    # Non-tensor entries go to JSON; FSDP's full state dicts key parameters by name rather than index.
+    state = {
+        "state": {"flow.blocks.0.pos": {"exp_avg": torch.ones(2), "step": 3}, 4: {"momentum": 0.5}},
+        "param_groups": [{"lr": 0.1, "params": ["flow.blocks.0.pos", 4]}],
+    }
+    tensors, meta = flatten_optimizer_state(state)
+    assert set(tensors) == {"flow.blocks.0.pos/exp_avg"}
+    restored = unflatten_optimizer_state(tensors, json.loads(json.dumps(meta)))
+    assert set(restored["state"]) == {"flow.blocks.0.pos", 4}
+    assert restored["state"]["flow.blocks.0.pos"]["step"] == 3
+    assert torch.equal(restored["state"]["flow.blocks.0.pos"]["exp_avg"], torch.ones(2))
+    assert restored["state"][4] == {"momentum": 0.5}

@@ -1,0 +1,343 @@
+"""Trainer: bitwise-exact resume, DDP and FSDP under torchrun (CPU, gloo), data order, LR schedule."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import farmer.train as trainer
+from farmer.checkpoint import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS, OPTIMIZER, TRAINER, load_model, save_checkpoint
+from farmer.config import FarmerConfig
+from farmer.model import Farmer
+from farmer.train import StepSampler, TrainConfig, learning_rate, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = FarmerConfig.preset("tiny")
+
+
+def tiny_train(**changes: Any) -> TrainConfig:
+    """The tiny preset cut down to a few steps on a few images, every step logged."""
+    base = {
+        **TrainConfig.preset("tiny").to_dict(),
+        "batch_size": 8,
+        "warmup_steps": 3,
+        "eval_images": 16,
+        "log_every": 1,
+    }
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # These models are tiny: on a shared 2-core machine a second intra-op thread mostly waits (~5× slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(model_config: FarmerConfig, cfg: TrainConfig, out: Path, stop_at: int | None = None) -> dict[str, Any]:
+    return train(model_config, cfg, out, device="cpu", progress=False, log=lambda _: None, stop_at=stop_at)
+
+
+# Checkpoint comparison helpers -------------------------------------------------------------------------------
+def step_dirs(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("step-*") if p.is_dir())
+
+
+def assert_bitwise_equal_checkpoints(a: Path, b: Path) -> None:
+    """Same weights, EMA, optimizer tensors, trainer state (RNGs, optimizer scalars) and config."""
+    for name in (MODEL_WEIGHTS, EMA_WEIGHTS, OPTIMIZER):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys(), name
+        for key in ta:
+            assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), f"{name}: {key} differs"
+    for name in (TRAINER, CONFIG):
+        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+
+
+def metric_records(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without its wall-clock fields, sample paths reduced to file names."""
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = {k: v for k, v in json.loads(line).items() if k not in ("time", "images_per_s")}
+        if "samples" in record:
+            record["samples"] = Path(record["samples"]).name
+        records.append(record)
+    return records
+
+
+def assert_no_duplicate_steps(records: list[dict[str, Any]]) -> None:
+    kinds = Counter(("train" if "loss" in r else "eval", r["step"]) for r in records)
+    assert not [key for key, count in kinds.items() if count > 1], f"duplicate records: {kinds}"
+
+
+# Exact resume ---------------------------------------------------------------------------------------------
+# 8 steps; evaluation and saving every 3, sampling every 6. Label dropout and Gaussian dequantisation stay on:
+# every random stream of training must survive the restart.
+RESUME_CFG = tiny_train(steps=8, grad_accum=2, eval_every=3, save_every=3, sample_every=6)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(TINY, RESUME_CFG, out)
+    return out
+
+
+def assert_same_as_uninterrupted(resumed: Path, reference: Path) -> None:
+    assert step_dirs(resumed) == step_dirs(reference) == ["step-00000006", "step-00000008"]
+    for name in step_dirs(reference):
+        assert_bitwise_equal_checkpoints(resumed / name, reference / name)
+    records = metric_records(resumed)
+    assert_no_duplicate_steps(records)
+    assert records == metric_records(reference)  # losses, grad norms, bits/dim: all bit for bit
+    final = "samples/step-00000008.png"
+    assert (resumed / final).read_bytes() == (reference / final).read_bytes()
+
+
+@pytest.mark.parametrize("stop_at", [4, 6], ids=["between-boundaries", "on-eval-sample-save-step"])
+def test_stop_and_resume_is_bitwise_exact(uninterrupted: Path, tmp_path: Path, stop_at: int) -> None:
+    run(TINY, RESUME_CFG, tmp_path, stop_at=stop_at)
+    assert (tmp_path / "LATEST").read_text().strip() == f"step-{stop_at:08d}"
+    run(TINY, RESUME_CFG, tmp_path)
+    assert_same_as_uninterrupted(tmp_path, uninterrupted)
+
+
+def test_resume_after_a_crash_drops_the_lost_steps_metrics(
+    uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash_in_step_5(step: int, cfg: TrainConfig) -> float:
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return learning_rate(step, cfg)
+
+    monkeypatch.setattr(trainer, "learning_rate", crash_in_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(TINY, RESUME_CFG, tmp_path)
+    monkeypatch.undo()
+    # Step 4 was trained and logged, but the last checkpoint is step 3: its metrics must not survive twice.
+    assert (tmp_path / "LATEST").read_text().strip() == "step-00000003"
+    assert max(r["step"] for r in metric_records(tmp_path)) == 4
+    run(TINY, RESUME_CFG, tmp_path)
+    assert_same_as_uninterrupted(tmp_path, uninterrupted)
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 1, {"model": TINY.to_dict()}, Farmer(TINY).state_dict())
+    with pytest.raises(ValueError, match=r"cannot resume .*prior_layers"):
+        run(TINY.replace(prior_layers=2), RESUME_CFG, tmp_path)
+
+
+# DDP and FSDP under torchrun ------------------------------------------------------------------------------------
+DRIVER = '''\
+"""torchrun driver: train (stopping and resuming as told), then write this rank's final weights."""
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import farmer.train as trainer
+from farmer.config import FarmerConfig
+
+spec = json.loads(Path(sys.argv[1]).read_text())
+captured = []
+gather = trainer.full_state
+
+
+def capture(module, rt, cfg):
+    # Every rank gathers the model, then the EMA, for each checkpoint: keep this rank's copies.
+    state = gather(module, rt, cfg)
+    captured.append(state)
+    return state
+
+
+trainer.full_state = capture
+for stop_at in spec["stops"]:
+    trainer.train(FarmerConfig.from_dict(spec["model"]), trainer.TrainConfig.from_dict(spec["train"]),
+                  spec["out"], device="cpu", progress=False, log=lambda _: None, stop_at=stop_at)
+model, ema = captured[-2:]
+if model:  # FSDP gathers full state on rank 0 only
+    tensors = {**{"model." + k: v for k, v in model.items()}, **{"ema." + k: v for k, v in ema.items()}}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{spec['out']}/rank{dist.get_rank()}.safetensors")
+dist.destroy_process_group()
+'''
+
+# The 1-process and 2-process runs see the same global batches (StepSampler gives rank r the r-th strided
+# share; DDP averages gradients) but not the same random draws: label dropout uses the global RNG and the
+# dequantisation noise a generator, both seeded per rank, so the single process draws other masks and
+# noise. Label dropout is therefore off, and the noise std is 1e-6 (1/7800 of a pixel bin), so the noise
+# moves the weights by ~1e-7 in 4 steps. The rest of the difference is float summation order (~1e-7).
+DIST_MODEL = TINY.replace(label_dropout=0.0, noise_std_start=1e-6, noise_std_end=1e-6)
+DIST_STEPS = 4
+DIST_ATOL = 1e-5  # vs. a training movement of ~5e-3 per weight (checked below)
+DIST_CFG = tiny_train(steps=DIST_STEPS, batch_size=16, warmup_steps=2, eval_every=100, sample_every=100, save_every=100)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tmp_path: Path, cfg: TrainConfig, stops: list[int | None]) -> Path:
+    """Two CPU processes (gloo) training ``cfg`` into tmp_path/run; returns the run dir."""
+    out = tmp_path / "run"
+    driver, spec = tmp_path / "driver.py", tmp_path / "spec.json"
+    driver.write_text(DRIVER)
+    spec.write_text(
+        json.dumps({"model": DIST_MODEL.to_dict(), "train": cfg.to_dict(), "out": str(out), "stops": stops})
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(driver),
+            str(spec),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 1-process reference: same global batch size (16), grad_accum 1."""
+    out = tmp_path_factory.mktemp("single")
+    run(DIST_MODEL, DIST_CFG, out)
+    return out
+
+
+def assert_matches_single_process(weights: dict[str, torch.Tensor], single: Path) -> None:
+    torch.manual_seed(DIST_CFG.seed)  # the trainer's initial weights
+    initial = Farmer(DIST_MODEL).state_dict()
+    final = f"step-{DIST_STEPS:08d}"
+    for prefix, file in (("model.", MODEL_WEIGHTS), ("ema.", EMA_WEIGHTS)):
+        reference = load_file(single / final / file)
+        assert {prefix + k for k in reference} == {k for k in weights if k.startswith(prefix)}
+        moved = max((reference[k] - initial[k]).abs().max().item() for k in reference)
+        assert moved > 100 * DIST_ATOL, f"{file}: training moved the weights by only {moved:.2g}"
+        worst = max((weights[prefix + k] - v).abs().max().item() for k, v in reference.items())
+        assert worst < DIST_ATOL, f"{file}: 2 processes differ from 1 by {worst:.3g}"
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metric_records(run_dir) if "loss" in r]
+
+
+def test_ddp_two_processes_agree_with_each_other_and_with_one_process(tmp_path: Path, single_process: Path) -> None:
+    # grad_accum 2 (micro-batches of 4 per rank) also exercises no_sync; stopping at step 1 and resuming
+    # exercises restoring each rank's own RNG state.
+    out = torchrun(tmp_path, replace(DIST_CFG, grad_accum=2), stops=[1, None])
+    ranks = [load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks disagree on {key}"
+    # What rank 0 saved is what both ranks hold.
+    final = out / f"step-{DIST_STEPS:08d}"
+    for key, value in load_file(final / MODEL_WEIGHTS).items():
+        assert torch.equal(ranks[0]["model." + key], value)
+    assert_matches_single_process(ranks[0], single_process)
+    assert logged_losses(out) == pytest.approx(logged_losses(single_process), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_saves_a_plain_checkpoint_and_resumes(tmp_path: Path, single_process: Path) -> None:
+    # Stop at step 2 (no evaluation there), resume to the end (evaluation and sampling of the sharded EMA).
+    out = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp"), stops=[2, None])
+    model = load_model(out, ema=False)  # a plain, unsharded Farmer
+    ema = load_model(out)
+    weights = {
+        **{"model." + k: v for k, v in model.state_dict().items()},
+        **{"ema." + k: v for k, v in ema.state_dict().items()},
+    }
+    rank0 = load_file(out / "rank0.safetensors")
+    assert all(torch.equal(rank0[k], v) for k, v in weights.items())
+    assert_matches_single_process(weights, single_process)
+    assert logged_losses(out) == pytest.approx(logged_losses(single_process), rel=1e-5)
+    assert (out / f"samples/step-{DIST_STEPS:08d}.png").is_file()
+
+
+# Data order ----------------------------------------------------------------------------------------------------
+def batches(size: int, cfg: TrainConfig, start: int = 0, rank: int = 0, world: int = 1) -> list[list[int]]:
+    return list(StepSampler(size, cfg, start, rank, world))
+
+
+def test_step_sampler_is_a_pure_function_of_seed_and_step() -> None:
+    cfg = tiny_train(steps=12, batch_size=6, grad_accum=2)
+    full = batches(20, cfg)  # 3 steps per epoch: crosses 3 epoch boundaries
+    assert len(full) == len(StepSampler(20, cfg, 0)) == 12 * 2
+    for start in (1, 3, 7):
+        assert batches(20, cfg, start) == full[start * 2 :], f"resuming at step {start} changes the data order"
+    assert batches(20, cfg) == full
+    assert batches(20, replace(cfg, seed=1)) != full
+
+
+def test_step_sampler_epochs_are_permutations() -> None:
+    cfg = tiny_train(steps=6, batch_size=5)
+    indices = [i for b in batches(10, cfg) for i in b]
+    for epoch in range(3):
+        assert sorted(indices[epoch * 10 : (epoch + 1) * 10]) == list(range(10))
+    assert indices[:10] != indices[10:20]  # a fresh permutation per epoch
+
+
+@pytest.mark.parametrize(("world", "grad_accum"), [(2, 1), (2, 2), (4, 1)])
+def test_rank_shares_partition_the_global_batch(world: int, grad_accum: int) -> None:
+    cfg = tiny_train(steps=5, batch_size=8, grad_accum=grad_accum)
+    micro = 8 // (world * grad_accum)
+    global_batches = batches(40, cfg)
+    shares = [batches(40, cfg, 0, rank, world) for rank in range(world)]
+    for step in range(cfg.steps):
+        per_rank = [s[step * grad_accum : (step + 1) * grad_accum] for s in shares]
+        assert all(len(chunk) == micro for chunks in per_rank for chunk in chunks)
+        union = [i for chunks in per_rank for chunk in chunks for i in chunk]
+        assert sorted(union) == sorted(global_batches[step])  # disjoint and complete
+
+
+def test_step_sampler_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="divisible by world size"):
+        StepSampler(100, tiny_train(batch_size=6), 0, 0, world=4)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        StepSampler(7, tiny_train(batch_size=8), 0)
+
+
+# Learning-rate schedule ------------------------------------------------------------------------------------------
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr() -> None:
+    cfg = tiny_train(steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    lrs = [learning_rate(s, cfg) for s in range(cfg.steps + 1)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3)  # the peak, right after warm-up
+    assert lrs[60] == pytest.approx((1e-3 + 1e-5) / 2)  # half way through the cosine
+    assert lrs[35] == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    assert lrs[110] == pytest.approx(1e-5)  # min_lr at the end
+    assert learning_rate(500, cfg) == pytest.approx(1e-5)  # and after it
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
