@@ -91,7 +91,8 @@ class Workload:
 
 
 def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0) -> Workload:
-    """Random-initialised model of ``preset`` with the trainer's AdamW settings and a random batch in [-1, 1]."""
+    """Random-initialised model of ``preset``, AdamW with the trainer's settings (one parameter group: the
+    trainer's no-decay split costs the same) and a random batch in [-1, 1]."""
     if batch < 1:
         raise ValueError(f"batch size must be >= 1, got {batch}")
     config = FarmerConfig.preset(preset)

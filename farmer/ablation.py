@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from farmer.analysis import balanced_labels, generate, has_classifier
 from farmer.checkpoint import load_model, write_json_atomic
 from farmer.classifier import classifier_metrics

@@ -314,7 +314,7 @@ def test_step_sampler_epochs_are_permutations() -> None:
 def test_rank_shares_partition_the_global_batch(world: int, grad_accum: int) -> None:
     cfg = tiny_train(steps=5, batch_size=8, grad_accum=grad_accum)
     micro = 8 // (world * grad_accum)
-    global_batches = batches(40, cfg)
+    global_batches = batches(40, replace(cfg, grad_accum=1))
     shares = [batches(40, cfg, 0, rank, world) for rank in range(world)]
     for step in range(cfg.steps):
         per_rank = [s[step * grad_accum : (step + 1) * grad_accum] for s in shares]
