@@ -28,16 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farmer.analysis import balanced_labels, generate, has_classifier
+from farmer.analysis import has_classifier
 from farmer.checkpoint import load_model, write_json_atomic
 from farmer.classifier import classifier_metrics
 from farmer.config import FarmerConfig
 from farmer.data import make_dataset
+from farmer.evaluation import balanced_labels, evaluate_bpd, generate
 from farmer.guidance import NaiveGuidance, ResamplingGuidance
 from farmer.images import save_grid
 from farmer.model import Farmer
 from farmer.prior import Guidance
-from farmer.train import TrainConfig, evaluate_bpd, train
+from farmer.train import TrainConfig, train
 
 BASELINE = "farmer"
 

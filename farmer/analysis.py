@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from farmer.data import make_dataset, model_to_pixels, pixels_to_model
+from farmer.evaluation import balanced_labels, generate
 from farmer.images import make_grid
 from farmer.model import Farmer
 
@@ -39,9 +40,9 @@ def _model_images(model: Farmer, images: Tensor) -> Tensor:
     """uint8 pixels or floats in [-1, 1] -> validated floats in [-1, 1] on the model's device."""
     if isinstance(images, Tensor) and images.dtype == torch.uint8:
         images = pixels_to_model(images)
-    model.check_images(images)
-    if images.shape[0] < 1:
+    if isinstance(images, Tensor) and images.ndim == 4 and images.shape[0] == 0:
         raise ValueError("need at least one image, got an empty batch")
+    model.check_images(images)
     return images.to(_device(model))
 
 
@@ -111,28 +112,6 @@ def _image_table(
         axes[r][0].set_ylabel(row_labels[r], fontsize=8)
     fig.suptitle(title, fontsize=10)
     return _save(fig, out)
-
-
-def generate(
-    model: Farmer, n: int, labels: Tensor | None, seed: int = 0, batch_size: int = 250, **sample_kwargs: Any
-) -> Tensor:
-    """n samples as uint8 pixels (n, C, H, W) on the CPU, drawn in batches with one fixed-seed generator."""
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
-    device = _device(model)
-    generator = torch.Generator(device).manual_seed(seed)
-    out = []
-    for lo in range(0, n, batch_size):
-        count = min(batch_size, n - lo)
-        y = None if labels is None else labels[lo : lo + count].to(device)
-        out.append(model_to_pixels(model.sample(count, y, generator, **sample_kwargs)).cpu())
-    return torch.cat(out)
-
-
-def balanced_labels(model: Farmer, n: int) -> Tensor | None:
-    """Class-conditional label list 0, 1, …, K−1, 0, 1, … of length n; None for an unconditional model."""
-    cfg = model.config
-    return torch.arange(n) % cfg.num_classes if cfg.conditional else None
 
 
 # 1. Information separation -----------------------------------------------------------------------------

@@ -179,7 +179,8 @@ def precision_recall(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: in
 def _check_images(images: Tensor | np.ndarray, channels: tuple[int, ...] = (1, 3)) -> Tensor:
     """uint8 (N, C, H, W) tensor with C in ``channels``; clear errors otherwise."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        # torch cannot wrap read-only arrays (e.g. farmer.data's cached ones): copy only those.
+        images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
     if images.dtype != torch.uint8:
@@ -243,9 +244,7 @@ class InceptionFeatures:
 
     name = "inception-2015-12-05"
 
-    def __init__(
-        self, device: torch.device | str | None = None, batch_size: int = 50, progress: bool = False
-    ) -> None:
+    def __init__(self, device: torch.device | str | None = None, batch_size: int = 50, progress: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         path = inception_weights_path()
@@ -260,9 +259,7 @@ class InceptionFeatures:
         # its batch norms are hard-wired to inference, so eval() only tidies the flag.
         with warnings.catch_warnings():
             # The wheel ships TorchScript only; torch's deprecation notice for jit.load is not actionable.
-            warnings.filterwarnings(
-                "ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning
-            )
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
             self.network = torch.jit.load(str(path), map_location=self.device).eval()
         self.batch_size = batch_size
         self.progress = progress

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from farmer.checkpoint import (
@@ -47,11 +47,10 @@ from farmer.data import (
     gaussian_noise_std,
     make_dataset,
     model_to_pixels,
-    pixels_to_model,
 )
 from farmer.distill import DistillationObjective
+from farmer.evaluation import evaluate_bpd, student_psnr
 from farmer.images import save_grid
-from farmer.metrics import bits_per_dim
 from farmer.model import Farmer
 from farmer.nn import autocast_dtype
 
@@ -237,26 +236,6 @@ def full_state(module: nn.Module, rt: Runtime, cfg: TrainConfig) -> dict[str, Te
 
 
 # Evaluation ----------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_bpd(model: Farmer, dataset: Dataset, batch_size: int = 256, max_images: int | None = None,
-                 seed: int = 0, progress: bool = False) -> float:
-    """Test bits/dim with uniform U(0, 1/128) dequantisation (spec §5), labels included when the model
-    is conditional. A fixed-seed generator keeps the number reproducible."""
-    model.eval()
-    device = next(model.parameters()).device
-    n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
-                        generator=torch.Generator().manual_seed(seed))
-    generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for pixels, labels in tqdm(loader, desc="bits/dim", disable=not progress, leave=False):
-        x = dequantize(pixels, "uniform", generator=generator).to(device)
-        y = labels.to(device) if model.config.conditional else None
-        total += bits_per_dim(-model.log_prob(x, y), model.config.num_dims).sum().item()
-        count += x.shape[0]
-    return total / count
-
-
 def sample_grid(model: Farmer, path: Path, per_class: int = 8, seed: int = 0, **sample_kwargs: Any) -> Path:
     """A PNG grid of samples: one row per class (or 8 rows unconditional), fixed seed."""
     cfg = model.config
@@ -277,25 +256,6 @@ def start_student_from_teacher(model: Farmer, teacher_dir: str | Path) -> None:
     state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("student.")}
     model.load_state_dict(state, strict=False)
     model.student.load_state_dict(teacher.flow.state_dict())
-
-
-@torch.no_grad()
-def student_psnr(model: Farmer, dataset: Dataset, max_images: int = 1000, seed: int = 0,
-                 batch_size: int = 256) -> float:
-    """PSNR (dB, images in [-1, 1], peak-to-peak 2) of the student inverse against the data it came from:
-    encode test images with the teacher flow, decode with the student."""
-    model.eval()
-    device = next(model.parameters()).device
-    n = min(max_images, len(dataset))
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
-                        generator=torch.Generator().manual_seed(seed))
-    squared, count = 0.0, 0
-    for pixels, _ in loader:
-        x = pixels_to_model(pixels).to(device)
-        zi, zr, _ = model.encode(x)
-        squared += (model.decode(zi, zr, inverse="distilled") - x).pow(2).sum().item()
-        count += x.numel()
-    return 10 * math.log10(4.0 / max(squared / count, 1e-20))
 
 
 # Training ------------------------------------------------------------------------------------------
@@ -439,16 +399,25 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
 
     def evaluate(step: int) -> dict[str, Any]:
         record: dict[str, Any] = {"step": step}
-        # Sharded weights need every rank in the forward passes; replicated ones only rank 0.
-        if rt.main or sharded:
-            ema.eval()
+        judged = ema
+        if sharded:
+            # FSDP gathers a module's shards only around its forward(), but log_prob, sample and the flow
+            # inverse enter through other methods: rank 0 judges a gathered copy (every rank joins the gather).
+            weights = full_state(ema, rt, cfg)
+            if rt.main:
+                with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+                    judged = Farmer(model_config)
+                judged.load_state_dict(weights)
+                judged.to(rt.device)
+        if rt.main:
+            judged.eval()
             if distilling and (step % cfg.eval_every == 0 or step == cfg.steps):
-                record["test_psnr_db"] = student_psnr(ema, eval_set, max_images=cfg.eval_images, seed=cfg.seed)
+                record["test_psnr_db"] = student_psnr(judged, eval_set, max_images=cfg.eval_images, seed=cfg.seed)
             elif step % cfg.eval_every == 0 or step == cfg.steps:
-                record["test_bpd"] = evaluate_bpd(ema, eval_set, max_images=cfg.eval_images, seed=cfg.seed)
+                record["test_bpd"] = evaluate_bpd(judged, eval_set, max_images=cfg.eval_images, seed=cfg.seed)
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                record["samples"] = str(sample_grid(ema, out / "samples" / f"step-{step:08d}.png", seed=cfg.seed,
-                                                    inverse="distilled" if distilling else "exact"))
+                record["samples"] = str(sample_grid(judged, out / "samples" / f"step-{step:08d}.png",
+                                                    seed=cfg.seed, inverse="distilled" if distilling else "exact"))
             metrics_log.write(time=time.time(), **record)
         return record
 

@@ -116,6 +116,8 @@ def test_logdet_outliers_counts_every_image_and_finds_the_extremes(model, tmp_pa
     assert list(result["lowest"]) == list(order[:3])
     assert list(result["highest"]) == list(order[::-1][:3])
     assert_png(out)
+    with pytest.raises(ValueError, match="empty batch"):
+        logdet_outliers(model, images[:0], out)
 
 
 # Unguided s × T grid -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from helpers import random_images, random_model, small_config
 
 from farmer import Farmer, FarmerConfig
 from farmer.data import ArrayDataset, load_arrays, pixels_to_model
-from farmer.train import evaluate_bpd
+from farmer.evaluation import evaluate_bpd
 
 
 def test_patchify_round_trip_and_layout() -> None:

@@ -237,10 +237,26 @@ def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def assert_matches_single_process(weights: dict[str, torch.Tensor], single: Path) -> None:
+def optimizer_by_position(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Optimizer tensors keyed by their parameter's position: plain runs key them by index, FSDP by name."""
+    groups = json.loads((step_dir / TRAINER).read_text())["optimizer"]["param_groups"]
+    position = {str(key): i for i, key in enumerate(itertools.chain.from_iterable(g["params"] for g in groups))}
+    tensors = {}
+    for name, value in load_file(step_dir / OPTIMIZER).items():
+        key, kind = name.rsplit("/", 1)
+        tensors[f"{position[key]}/{kind}"] = value
+    return tensors
+
+
+def assert_matches_single_process(weights: dict[str, torch.Tensor], out: Path, single: Path) -> None:
+    """Final model and EMA weights within DIST_ATOL of the 1-process run, optimizer moments within 1e-7."""
     torch.manual_seed(DIST_CFG.seed)  # the trainer's initial weights
     initial = Farmer(DIST_MODEL).state_dict()
     final = f"step-{DIST_STEPS:08d}"
+    optim, reference_optim = optimizer_by_position(out / final), optimizer_by_position(single / final)
+    assert optim.keys() == reference_optim.keys()
+    for key, value in reference_optim.items():  # moments are ~1e-2 (exp_avg) and ~1e-3 (exp_avg_sq)
+        torch.testing.assert_close(optim[key], value, rtol=1e-4, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
     for prefix, file in (("model.", MODEL_WEIGHTS), ("ema.", EMA_WEIGHTS)):
         reference = load_file(single / final / file)
         assert {prefix + k for k in reference} == {k for k in weights if k.startswith(prefix)}
@@ -254,6 +270,7 @@ def logged_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in metric_records(run_dir) if "loss" in r]
 
 
+@pytest.mark.slow  # ~36 s of CPU (three processes importing torch): 60-80 s on a busy 2-core machine
 def test_ddp_two_processes_agree_with_each_other_and_with_one_process(tmp_path: Path, single_process: Path) -> None:
     # grad_accum 2 (micro-batches of 4 per rank) also exercises no_sync; stopping at step 1 and resuming
     # exercises restoring each rank's own RNG state.
@@ -266,14 +283,14 @@ def test_ddp_two_processes_agree_with_each_other_and_with_one_process(tmp_path: 
     final = out / f"step-{DIST_STEPS:08d}"
     for key, value in load_file(final / MODEL_WEIGHTS).items():
         assert torch.equal(ranks[0]["model." + key], value)
-    assert_matches_single_process(ranks[0], single_process)
+    assert_matches_single_process(ranks[0], out, single_process)
     assert logged_losses(out) == pytest.approx(logged_losses(single_process), rel=1e-5)
 
 
 @pytest.mark.slow
 def test_fsdp_trains_saves_a_plain_checkpoint_and_resumes(tmp_path: Path, single_process: Path) -> None:
-    # Stop at step 2 (no evaluation there), resume to the end (evaluation and sampling of the sharded EMA).
-    out = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp"), stops=[2, None])
+    # Stop at step 2 and resume: evaluation at step 3 (then training goes on) and at the end, with samples.
+    out = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp", eval_every=3), stops=[2, None])
     model = load_model(out, ema=False)  # a plain, unsharded Farmer
     ema = load_model(out)
     weights = {
@@ -282,7 +299,7 @@ def test_fsdp_trains_saves_a_plain_checkpoint_and_resumes(tmp_path: Path, single
     }
     rank0 = load_file(out / "rank0.safetensors")
     assert all(torch.equal(rank0[k], v) for k, v in weights.items())
-    assert_matches_single_process(weights, single_process)
+    assert_matches_single_process(weights, out, single_process)
     assert logged_losses(out) == pytest.approx(logged_losses(single_process), rel=1e-5)
     assert (out / f"samples/step-{DIST_STEPS:08d}.png").is_file()
 
