@@ -240,16 +240,16 @@ def test_inception_rejects_bad_images(inception):
 
 
 @needs_inception
-@pytest.mark.slow
 def test_inception_fid_separates_datasets(inception):
     # Few images, so both numbers carry a large small-sample bias; the gap between them is what counts.
-    count = 200
+    count = 64  # ~200 Inception passes: about a minute on 2 CPU cores
     mnist_train = inception(_arrays_or_skip("mnist", "train")[:count])
     mnist_test = inception(_arrays_or_skip("mnist", "test")[:count])
     fashion = inception(_arrays_or_skip("fashion-mnist", "test")[:count])
     same = fid_from_features(mnist_train, mnist_test)
     different = fid_from_features(mnist_train, fashion)
-    assert same < 40.0
+    # Measured here: 35 and 225 with 200 images each; 62 and 250 with 64 (small samples inflate both).
+    assert same < 100.0
     assert different > 3.0 * same
 
 

@@ -270,7 +270,6 @@ def logged_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in metric_records(run_dir) if "loss" in r]
 
 
-@pytest.mark.slow  # ~36 s of CPU (three processes importing torch): 60-80 s on a busy 2-core machine
 def test_ddp_two_processes_agree_with_each_other_and_with_one_process(tmp_path: Path, single_process: Path) -> None:
     # grad_accum 2 (micro-batches of 4 per rank) also exercises no_sync; stopping at step 1 and resuming
     # exercises restoring each rank's own RNG state.
@@ -287,7 +286,6 @@ def test_ddp_two_processes_agree_with_each_other_and_with_one_process(tmp_path: 
     assert logged_losses(out) == pytest.approx(logged_losses(single_process), rel=1e-5)
 
 
-@pytest.mark.slow
 def test_fsdp_trains_saves_a_plain_checkpoint_and_resumes(tmp_path: Path, single_process: Path) -> None:
     # Stop at step 2 and resume: evaluation at step 3 (then training goes on) and at the end, with samples.
     out = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp", eval_every=3), stops=[2, None])

@@ -1,0 +1,48 @@
+"""Copy a trained run's newest checkpoint into a shippable directory: config.json + EMA weights only.
+
+    python scripts/ship_checkpoint.py --run runs/mnist-distilled --teacher-run runs/mnist --out checkpoints/mnist
+
+The optimizer and RNG state (only needed to resume training) and the raw weights are left behind; the
+teacher run's training config and metrics log summary are recorded in provenance.json.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from farmer.checkpoint import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS, load_model, read_config, resolve_checkpoint
+
+
+def last_record(run: Path, key: str) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return next((r for r in reversed(records) if key in r), {})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run (or step) directory to ship")
+    parser.add_argument("--teacher-run", default=None, help="for a distilled run: the teacher's run directory")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    step_dir = resolve_checkpoint(args.run)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(step_dir / CONFIG, out / CONFIG)
+    # EMA weights ship under the plain name: load_model falls back to them when no ema file exists.
+    shutil.copyfile(step_dir / EMA_WEIGHTS, out / MODEL_WEIGHTS)
+    provenance = {"run": str(args.run), "step": read_config(step_dir)["step"], "weights": "EMA",
+                  "last_log": last_record(Path(args.run), "loss")}
+    if args.teacher_run:
+        teacher = read_config(args.teacher_run)
+        provenance["teacher"] = {"run": str(args.teacher_run), "step": teacher["step"], "train": teacher["train"],
+                                 "last_log": last_record(Path(args.teacher_run), "loss"),
+                                 "last_eval": last_record(Path(args.teacher_run), "test_bpd")}
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    load_model(out)  # the shipped directory must load on its own
+    print(f"shipped {step_dir} -> {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
