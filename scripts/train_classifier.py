@@ -17,9 +17,7 @@ from farmer.data import prepare_dataset
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dataset", required=True, choices=CLASSIFIER_DATASETS)
-parser.add_argument(
-    "--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "farmer" / "assets"
-)
+parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "farmer" / "assets")
 parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--batch-size", type=int, default=128)
 parser.add_argument("--lr", type=float, default=2e-3)

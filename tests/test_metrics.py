@@ -191,12 +191,8 @@ def test_legacy_resize_matches_grid_sample_formulation():
     x = torch.rand(2, 3, 28, 28) * 255
     size_in, size_out = 28, 299
     theta = torch.tensor([[[1.0, 0.0, 1 / size_in - 1 / size_out], [0.0, 1.0, 1 / size_in - 1 / size_out]]])
-    grid = torch.nn.functional.affine_grid(
-        theta.expand(2, 2, 3), [2, 3, size_out, size_out], align_corners=False
-    )
-    reference = torch.nn.functional.grid_sample(
-        x, grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
+    grid = torch.nn.functional.affine_grid(theta.expand(2, 2, 3), [2, 3, size_out, size_out], align_corners=False)
+    reference = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     matrix = legacy_resize_matrix(size_in, size_out)
     ours = torch.einsum("oh,nchw,pw->ncop", matrix, x, matrix)
     assert torch.allclose(ours, reference, atol=1e-3)
@@ -218,9 +214,7 @@ def inception() -> InceptionFeatures:
 
 @needs_inception
 def test_inception_features_shape_grayscale_and_batching(inception):
-    images = torch.randint(
-        0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(7)
-    )
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
     feats = inception(images)  # batches of 2 and 1
     assert feats.shape == (3, 2048) and feats.dtype == np.float32 and np.isfinite(feats).all()
     assert (feats >= 0).all()  # pool3 averages ReLU outputs
