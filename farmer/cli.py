@@ -131,7 +131,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     teacher_train = teacher.get("train", {})
     options = {"data": args.data or teacher_train.get("data", "mnist"),
                "data_root": args.data_root or teacher_train.get("data_root"), "steps": args.steps,
-               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "teacher_weights": args.teacher_weights}
     train_config = TrainConfig(**{**DISTILL_DEFAULTS, "objective": "distill", "teacher": str(args.teacher),
                                   **{k: v for k, v in options.items() if v is not None}})
     result = train(model_config, train_config, args.out, device=args.device, stop_at=args.stop_at)
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="trained checkpoint (run or step directory)")
     p.add_argument("--out", required=True, help="run directory of the distilled model")
     p.add_argument("--data", default=None, help="default: the teacher's training data")
+    p.add_argument("--teacher-weights", choices=["ema", "raw"], default=None,
+                   help="the teacher checkpoint's EMA (default) or raw weights")
     p.add_argument("--data-root", default=None)
     for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--seed", int),
                        ("--stop-at", int)):

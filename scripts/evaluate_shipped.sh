@@ -8,9 +8,10 @@ mkdir -p "$out"
 farmer eval bpd --checkpoint "$ckpt" --data mnist --split test --json "$out/bpd.json"
 farmer eval classifier --checkpoint "$ckpt" --n 1000 --json "$out/classifier-unguided.json"
 farmer eval classifier --checkpoint "$ckpt" --n 1000 --variance-scale 0.9 --temperature 1.3 --json "$out/classifier-decoupled.json"
-farmer eval classifier --checkpoint "$ckpt" --n 1000 --guidance 1.0 --json "$out/classifier-cfg.json"
-farmer eval classifier --checkpoint "$ckpt" --n 1000 --guidance 1.0 --inverse distilled --json "$out/classifier-cfg-distilled.json"
-farmer eval fid --checkpoint "$ckpt" --n 500 --guidance 1.0 --reference-images 1000 --json "$out/fid-cfg.json"
+farmer eval classifier --checkpoint "$ckpt" --n 1000 --guidance 2.5 --cfg naive --json "$out/classifier-cfg-naive.json"
+farmer eval classifier --checkpoint "$ckpt" --n 1000 --guidance 2.5 --json "$out/classifier-cfg.json"
+farmer eval classifier --checkpoint "$ckpt" --n 1000 --guidance 2.5 --inverse distilled --json "$out/classifier-cfg-distilled.json"
+farmer eval fid --checkpoint "$ckpt" --n 500 --guidance 2.5 --reference-images 1000 --json "$out/fid-cfg.json"
 farmer eval distill --checkpoint "$ckpt" --n 1000 --data mnist --json "$out/distill.json"
 python - "$ckpt" <<'PY'
 import json, sys

@@ -1,0 +1,59 @@
+"""One-step distillation (spec §7, Algorithm 2): block order, shapes, and that training lowers every block's loss."""
+
+import torch
+from helpers import randomize, small_config
+
+from farmer.distill import DistilledInverse, distillation_loss
+from farmer.flow import AutoregressiveFlow
+
+
+def teacher_and_tokens(blocks: int = 3) -> tuple:
+    config = small_config(flow_blocks=blocks)
+    torch.manual_seed(0)
+    teacher = randomize(AutoregressiveFlow(config), 0.05).eval().requires_grad_(False)
+    tokens = torch.randn(16, config.num_tokens, config.token_dim, generator=torch.Generator().manual_seed(1))
+    return config, teacher, tokens
+
+
+def test_student_blocks_mirror_the_teacher_in_reverse_order() -> None:
+    config, teacher, tokens = teacher_and_tokens()
+    path, _ = teacher.forward_path(tokens)
+    student = DistilledInverse.from_teacher(config, teacher)
+    # With causal attention restored, the student's blocks are the teacher's: running their exact inverses in
+    # the order `path` uses must walk the teacher path backwards, Z^n -> Z^{n-1} -> ... -> Z^0.
+    for block in student.blocks:
+        block.causal = True
+    cache = teacher.allocate_cache(tokens.shape[0], tokens.device)
+    z = path[-1]
+    for k, block in enumerate(reversed(student.blocks)):
+        z = block.inverse(z, cache)
+        torch.testing.assert_close(z, path[-2 - k], atol=1e-5, rtol=0)
+    for block in student.blocks:
+        block.causal = False
+
+    order = []
+    for index, block in enumerate(student.blocks):
+        block.parallel_inverse = (lambda f, i: lambda z: (order.append(i), f(z))[1])(block.parallel_inverse, index)
+    outputs = student.path(path[-1])
+    assert order == [2, 1, 0]
+    assert len(outputs) == config.flow_blocks and all(o.shape == tokens.shape for o in outputs)
+
+
+def test_distillation_lowers_every_blocks_loss_on_a_fixed_batch() -> None:
+    config, teacher, tokens = teacher_and_tokens()
+    student = DistilledInverse.from_teacher(config, teacher)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+
+    def loss() -> tuple[torch.Tensor, torch.Tensor]:
+        return distillation_loss(student, teacher, tokens, generator=torch.Generator().manual_seed(2))
+
+    before = loss()[1].detach()
+    for _ in range(30):
+        total, _ = loss()
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    after = loss()[1].detach()
+    assert before.shape == (config.flow_blocks,)
+    assert (after < 0.7 * before).all(), (before, after)
+    assert all(p.grad is None for p in teacher.parameters()), "the teacher must stay frozen"
