@@ -32,10 +32,6 @@ CLASSIFIER_SHAPE = (1, 28, 28)  # what farmer.classifier scores (MNIST, Fashion-
 
 
 # Shared helpers ----------------------------------------------------------------------------------------
-def _device(model: Farmer) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _model_images(model: Farmer, images: Tensor) -> Tensor:
     """uint8 pixels or floats in [-1, 1] -> validated floats in [-1, 1] on the model's device."""
     if isinstance(images, Tensor) and images.dtype == torch.uint8:
@@ -43,7 +39,7 @@ def _model_images(model: Farmer, images: Tensor) -> Tensor:
     if isinstance(images, Tensor) and images.ndim == 4 and images.shape[0] == 0:
         raise ValueError("need at least one image, got an empty batch")
     model.check_images(images)
-    return images.to(_device(model))
+    return images.to(model.device)
 
 
 def _require_redundant(model: Farmer, analysis: str) -> int:
@@ -62,11 +58,11 @@ def _labels(model: Farmer, labels: Tensor | Sequence[int] | None, rows: int) -> 
     cfg = model.config
     if labels is None:
         if cfg.conditional:
-            return torch.arange(min(cfg.num_classes, 10), device=_device(model))
+            return torch.arange(min(cfg.num_classes, 10), device=model.device)
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
-        return model.check_labels(None, rows, _device(model))
-    labels = torch.as_tensor(labels, device=_device(model))
+        return model.check_labels(None, rows, model.device)
+    labels = torch.as_tensor(labels, device=model.device)
     if labels.ndim != 1 or labels.shape[0] < 1:
         raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}")
     return model.check_labels(labels, labels.shape[0], labels.device)

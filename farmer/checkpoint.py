@@ -199,8 +199,7 @@ def load_model(path: str | Path, ema: bool = True, map_location: str | torch.dev
     step_dir = resolve_checkpoint(path)
     config = FarmerConfig.from_dict(read_config(step_dir)["model"])
     if expected is not None and config != expected:
-        diff = {k: (v, getattr(expected, k)) for k, v in config.to_dict().items()
-                if k != "name" and getattr(expected, k) != v}
+        diff = config.diff(expected)
         raise ValueError(f"checkpoint config does not match: {diff} (checkpoint, expected)")
     model = Farmer(config)
     file = step_dir / (EMA_WEIGHTS if ema and (step_dir / EMA_WEIGHTS).is_file() else MODEL_WEIGHTS)

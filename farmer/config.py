@@ -147,6 +147,11 @@ class FarmerConfig:
             raise ValueError(f"config file {path} is not valid JSON: {err}") from None
         return cls.from_dict(data)
 
+    def diff(self, other: FarmerConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields that differ, as {field: (self's value, other's value)}; the free-form name is ignored."""
+        theirs = other.to_dict()
+        return {k: (v, theirs[k]) for k, v in self.to_dict().items() if k != "name" and theirs[k] != v}
+
     def replace(self, **changes: Any) -> FarmerConfig:
         return dataclasses.replace(self, **changes)
 

@@ -20,10 +20,6 @@ from farmer.metrics import bits_per_dim
 from farmer.model import Farmer
 
 
-def _device(model: Farmer) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _first(dataset: Dataset, n: int | None, batch_size: int, seed: int) -> DataLoader:
     count = len(dataset) if n is None else min(n, len(dataset))
     # An explicit generator keeps DataLoader from drawing from (and so perturbing) the global RNG.
@@ -41,7 +37,7 @@ def evaluate_bpd(model: Farmer, dataset: Dataset, batch_size: int = 256, max_ima
     generator = torch.Generator().manual_seed(seed)
     for pixels, labels in tqdm(_first(dataset, max_images, batch_size, seed), desc="bits/dim",
                                disable=not progress, leave=False):
-        x = dequantize(pixels, "uniform", generator=generator).to(_device(model))
+        x = dequantize(pixels, "uniform", generator=generator).to(model.device)
         y = labels.to(x.device) if model.config.conditional else None
         total += bits_per_dim(-model.log_prob(x, y), model.config.num_dims).sum().item()
         count += x.shape[0]
@@ -59,7 +55,7 @@ def generate(model: Farmer, n: int, labels: Tensor | None, seed: int = 0, batch_
     """n samples as uint8 pixels (n, C, H, W) on the CPU, in batches from one fixed-seed generator."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
-    device = _device(model)
+    device = model.device
     generator = torch.Generator(device).manual_seed(seed)
     out = []
     with tqdm(total=n, desc="sampling", unit="img", disable=not progress) as bar:
@@ -79,7 +75,7 @@ def student_psnr(model: Farmer, dataset: Dataset, max_images: int = 1000, seed: 
     model.eval()
     squared, count = 0.0, 0
     for pixels, _ in _first(dataset, max_images, batch_size, seed):
-        x = pixels_to_model(pixels).to(_device(model))
+        x = pixels_to_model(pixels).to(model.device)
         zi, zr, _ = model.encode(x)
         squared += (model.decode(zi, zr, inverse="distilled") - x).pow(2).sum().item()
         count += x.numel()
@@ -101,7 +97,7 @@ def compare_inverses(model: Farmer, n: int = 1000, batch_size: int = 250, seed: 
     if model.student is None:
         raise ValueError("the model has no distilled inverse; train one with `farmer distill`")
     model.eval()
-    device = _device(model)
+    device = model.device
     generator = torch.Generator(device).manual_seed(seed)
     labels = balanced_labels(model, n)
     squared, max_error, times = 0.0, 0.0, {"prior": 0.0, "exact": 0.0, "distilled": 0.0}

@@ -27,6 +27,10 @@ class Farmer(nn.Module):
         # The one-step student of spec §7 lives with the model so one checkpoint samples either way.
         self.student = DistilledInverse(config) if config.distilled_inverse else None
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     # Pixels <-> tokens -------------------------------------------------------------------------------
     def patchify(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, N, d): row-major patches, channels ordered (row-in-patch, col-in-patch, C)."""
@@ -139,8 +143,7 @@ class Farmer(nn.Module):
             raise ValueError(f"n must be >= 1, got {n}")
         if variance_scale <= 0 or temperature <= 0:
             raise ValueError("variance_scale and temperature must be > 0")
-        device = next(self.parameters()).device
-        labels = self.check_labels(y, n, device)
+        labels = self.check_labels(y, n, self.device)
         if guidance is not None and not self.config.conditional:
             raise ValueError("guidance needs a class-conditional model")
         informative, redundant = self.prior.sample(labels, generator, guidance, variance_scale, temperature,

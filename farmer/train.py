@@ -246,7 +246,7 @@ def sample_grid(model: Farmer, path: Path, per_class: int = 8, seed: int = 0, **
     cfg = model.config
     rows = min(cfg.num_classes, 10) if cfg.conditional else 8
     labels = torch.arange(rows).repeat_interleave(per_class) if cfg.conditional else None
-    device = next(model.parameters()).device
+    device = model.device
     generator = torch.Generator(device).manual_seed(seed)
     images = model.sample(rows * per_class, None if labels is None else labels.to(device), generator,
                           **sample_kwargs)
@@ -289,8 +289,7 @@ def _set_rng_state(state: dict[str, list[int]], generator: torch.Generator) -> N
 def _check_resume_config(run_dir: Path, model_config: FarmerConfig) -> None:
     stored = FarmerConfig.from_dict(read_config(run_dir)["model"])
     if stored != model_config:
-        diff = {k: (v, getattr(model_config, k)) for k, v in stored.to_dict().items()
-                if k != "name" and getattr(model_config, k) != v}
+        diff = stored.diff(model_config)
         raise ValueError(f"cannot resume {run_dir}: its model config differs in {diff} (stored, requested); "
                          "use a new --out directory")
 
