@@ -27,13 +27,12 @@ from benchmarks.common import (
     Timing,
     add_common_args,
     cpu_usage,
-    environment,
     positive_int,
     repeats_for,
     resolve_device,
+    save_benchmark,
     set_threads,
     timed,
-    write_result,
 )
 from farmer.checkpoint import load_model
 from farmer.config import FarmerConfig
@@ -172,17 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for guidance in guidances:
                 rows.append(bench_case(model, batch, guidance, device, repeats))
                 _print_row(rows[-1])
-    result = {
-        "name": "sample",
-        "environment": environment(device),
-        "quick": args.quick,
-        "repeats": {"warmup": repeats.warmup, "repeats": repeats.repeats},
-        "cpu_usage": usage,
-        "model": info,
-        "rows": rows,
-    }
-    print(f"wrote {write_result('sample', result, args.out)}")
-    return result
+    return save_benchmark("sample", args, device, repeats, usage, model=info, rows=rows)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from benchmarks.common import (
     add_common_args,
     cpu_usage,
     current_rss_bytes,
-    environment,
     matmul_peak,
     measure,
     peak_rss_bytes,
@@ -40,9 +39,9 @@ from benchmarks.common import (
     positive_int,
     repeats_for,
     resolve_device,
+    save_benchmark,
     set_threads,
     subprocess_env,
-    write_result,
 )
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
@@ -305,17 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 )
             )
             _print_row(rows[-1])
-    result = {
-        "name": "train",
-        "environment": environment(device),
-        "quick": args.quick,
-        "repeats": {"warmup": repeats.warmup, "repeats": repeats.repeats},
-        "cpu_usage": usage,
-        "matmul_peak": peak,
-        "presets": rows,
-    }
-    print(f"wrote {write_result('train', result, args.out)}")
-    return result
+    return save_benchmark("train", args, device, repeats, usage, matmul_peak=peak, presets=rows)
 
 
 if __name__ == "__main__":

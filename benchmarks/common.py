@@ -300,6 +300,21 @@ def write_result(name: str, data: dict[str, Any], out_dir: Path = RESULTS_DIR) -
     return path
 
 
+def save_benchmark(name: str, args: Any, device: Any, repeats: Repeats, usage: dict[str, Any],
+                   **fields: Any) -> dict[str, Any]:
+    """The record every benchmark writes (environment, repeats, CPU usage, then its own fields), saved as JSON."""
+    result = {
+        "name": name,
+        "environment": environment(device),
+        "quick": args.quick,
+        "repeats": {"warmup": repeats.warmup, "repeats": repeats.repeats},
+        "cpu_usage": usage,
+        **fields,
+    }
+    print(f"wrote {write_result(name, result, args.out)}")
+    return result
+
+
 def percent(fraction: float | None) -> str:
     """0.123 -> "12.3%"; None (not measured) -> "n/a"."""
     return "n/a" if fraction is None else f"{100 * fraction:.1f}%"

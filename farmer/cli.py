@@ -162,7 +162,8 @@ def _load(args: argparse.Namespace, ema: bool = True):
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from farmer.evaluation import generate
-    from farmer.images import save_grid, save_npz
+    from farmer.images import save_grid
+    from farmer.metrics import save_npz_images
 
     checkpoint, model = _load(args)
     cfg = model.config
@@ -181,7 +182,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     path = save_grid(pixels, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {path} ({n} images from {checkpoint}, {elapsed:.1f} s, {n / elapsed:.1f} img/s)")
     if args.npz:
-        print(f"wrote {save_npz(pixels, args.npz, labels)}")
+        nhwc = pixels.permute(0, 2, 3, 1).numpy()
+        print(f"wrote {save_npz_images(args.npz, nhwc, None if labels is None else labels.numpy())}")
 
 
 def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None, str]:

@@ -1,4 +1,4 @@
-"""Image grids as PNG files (Pillow), and sample archives in the layout FID suites read."""
+"""Image grids as PNG files (Pillow)."""
 
 from __future__ import annotations
 
@@ -35,15 +35,4 @@ def save_grid(images: Tensor, path: str | Path, nrow: int, scale: int = 1) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
-    return path
-
-
-def save_npz(images: Tensor, path: str | Path, labels: Tensor | None = None) -> Path:
-    """uint8 NHWC under ``arr_0`` (what the common FID evaluation suites read), labels under ``labels``."""
-    arrays = {"arr_0": images.permute(0, 2, 3, 1).cpu().numpy()}
-    if labels is not None:
-        arrays["labels"] = labels.cpu().numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
     return path

@@ -351,15 +351,19 @@ def _check_nhwc(images: np.ndarray, source: str) -> np.ndarray:
     return images
 
 
-def save_npz_images(path: Path | str, images: np.ndarray) -> None:
-    """Write uint8 (N, H, W, C) images as ``arr_0`` of an .npz, the layout common FID suites read."""
+def save_npz_images(path: Path | str, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    """Write uint8 (N, H, W, C) images as ``arr_0`` of an .npz, the layout common FID suites read, and the
+    class labels (if any) as ``labels``."""
     path = Path(path)
-    images = _check_nhwc(np.asarray(images), str(path))
+    arrays = {"arr_0": _check_nhwc(np.asarray(images), str(path))}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as handle:
-        np.savez(handle, arr_0=images)
+        np.savez(handle, **arrays)
     os.replace(tmp, path)
+    return path
 
 
 def load_npz_images(path: Path | str) -> np.ndarray:
