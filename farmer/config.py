@@ -14,6 +14,8 @@ from typing import Any
 
 PERMUTATIONS = ("alternate", "reverse")
 PRIORS = ("ar", "normal")
+PATCH_TRANSFORMS = ("none", "dct")
+REDUNDANT_MIXTURES = ("shared", "per_token")
 DEQUANTIZATIONS = ("gaussian", "uniform")
 
 
@@ -24,6 +26,10 @@ class FarmerConfig:
     channels: int = 1
     patch_size: int = 4
     num_classes: int = 0  # 0 = unconditional
+    # Fixed orthonormal map of every token right after patchify (docs/method.md, "channel transforms"):
+    # "dct" = 2-D DCT-II of each patch per colour channel, lowest frequencies first, so the first d_I
+    # channels hold a patch's coarse structure; "none" = raw (row, col, C) pixels, as in the paper.
+    patch_transform: str = "none"
     # Dequantisation used for training (spec §1); bits/dim is always evaluated with uniform noise.
     dequantization: str = "gaussian"
     noise_std_start: float = 0.1
@@ -35,6 +41,9 @@ class FarmerConfig:
     flow_width: int = 64
     permutation: str = "alternate"  # "alternate": identity / flip per block (TARFlow); "reverse": flip in every block
     log_scale_bound: float = 4.0  # log σ = c·tanh(a/c): bounded scales make every inverse finite
+    # A learned invertible d×d channel mixing (LU-parametrised, Glow's 1×1 convolution) before every AF
+    # block: the AF itself never mixes channels within a token.
+    channel_mixing: bool = False
 
     # AR prior (spec §3–4). prior="normal" replaces it by a standard normal: a plain TARFlow-style flow.
     prior: str = "ar"
@@ -45,6 +54,9 @@ class FarmerConfig:
     redundant_components: int = 4  # K_R
     condition_repeat: int = 4  # M
     final_permute: bool = True
+    # "shared": one mixture for every z_i^R, predicted after z_N^I (the paper). "per_token": each z_i^R gets
+    # its own mixture P(z_i^R | z_{≤i}^I, c), predicted from the AR state right after z_i^I.
+    redundant_mixture: str = "shared"
     label_dropout: float = 0.1  # drop to the null class, enables classifier-free guidance
     min_mixture_scale: float = 1e-3
 
@@ -71,7 +83,8 @@ class FarmerConfig:
         if not errors and self.image_size % self.patch_size:
             errors.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         for key, allowed in (("permutation", PERMUTATIONS), ("prior", PRIORS),
-                             ("dequantization", DEQUANTIZATIONS)):
+                             ("dequantization", DEQUANTIZATIONS), ("patch_transform", PATCH_TRANSFORMS),
+                             ("redundant_mixture", REDUNDANT_MIXTURES)):
             if getattr(self, key) not in allowed:
                 errors.append(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not errors:

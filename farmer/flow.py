@@ -7,7 +7,17 @@ parameters computed from tokens < i only:
     log|det ∂Z^t/∂Z^{t-1}| = Σ_i Σ_j log σ_t(z_{<i}^{t-1})_j
 
 so the forward pass is one parallel causal pass and the inverse runs token by token through a KV cache.
-The flow's arithmetic (affine maps, log-dets) is fp32 even under bf16 autocast.
+With ``channel_mixing`` each block first mixes every token's channels by a learned invertible matrix
+(:class:`farmer.channels.ChannelMixing`), which the AF alone never does.
+
+Precision: the affine maps, the output projection that predicts μ and log σ, and the log-dets are fp32
+(or the model's dtype if wider) even under bf16 autocast, so training optimises the same function that
+sampling inverts; the transformer trunk may run in bf16. The inverse runs in the same precision.
+
+Bound: log σ = c·tanh(a/c) keeps every scale in [e^{-c}, e^{c}], so one block's inverse grows a value by
+at most e^c times plus |μ|; n blocks compound to e^{n·c}, which overflows fp32 (e^88.7) for the large
+presets (28 blocks × c = 4). A trained flow stays far from that, and :meth:`AutoregressiveFlow.inverse`
+raises a clear error naming the block rather than return non-finite images.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from farmer.channels import ChannelMixing
 from farmer.config import FarmerConfig
 from farmer.nn import KVCache, Transformer
 
@@ -40,6 +51,7 @@ class FlowBlock(nn.Module):
         self.proj_out = nn.Linear(width, 2 * dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        self.mixing = ChannelMixing(dim) if config.channel_mixing else None
 
     def permute(self, z: Tensor) -> Tensor:
         return z.flip(1) if self.flip else z
@@ -47,12 +59,17 @@ class FlowBlock(nn.Module):
     def affine_params(self, x: Tensor, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
         """μ and log σ (fp32) predicted at each position of x (block order), before the one-token shift.
 
-        The output at position i is meant for token i + 1. log σ = c·tanh(a/c) keeps every scale in
-        [e^{-c}, e^{c}], so the inverse can never overflow into Inf/NaN (spec §2 decision).
+        The output at position i is meant for token i + 1. log σ = c·tanh(a/c) bounds every scale to
+        [e^{-c}, e^{c}] (see the module docstring for what that bounds over n blocks).
         """
         start = 0 if cache is None else cache.length
         h = self.proj_in(x) + self.pos[start:start + x.shape[1]]
-        out = at_least_fp32(self.proj_out(self.transformer(h, causal=self.causal, cache=cache)))
+        h = self.transformer(h, causal=self.causal, cache=cache)
+        # μ and log σ in (at least) fp32 even under autocast: a bf16 projection would make the trained
+        # forward differ from the inverse that sampling runs.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            out = F.linear(h.to(dtype), self.proj_out.weight.to(dtype), self.proj_out.bias.to(dtype))
         mu, a = out.chunk(2, dim=-1)
         c = self.log_scale_bound
         return mu, c * torch.tanh(a / c)
@@ -64,10 +81,17 @@ class FlowBlock(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Z^{t-1} -> (Z^t, log|det|) with the log-det per image (B,) in nats."""
-        x = self.permute(at_least_fp32(z))
+        z = at_least_fp32(z)
+        logdet = z.new_zeros(z.shape[0])
+        if self.mixing is not None:
+            z, logdet = self.mixing(z)
+        x = self.permute(z)
         mu, log_scale = self._shifted_params(x)
         y = (x - mu) * torch.exp(log_scale)
-        return self.permute(y), log_scale.sum(dim=(1, 2))
+        return self.permute(y), logdet + log_scale.sum(dim=(1, 2))
+
+    def unmix(self, z: Tensor) -> Tensor:
+        return z if self.mixing is None else self.mixing.inverse(z)
 
     def inverse(self, z: Tensor, cache: KVCache) -> Tensor:
         """Z^t -> Z^{t-1}, sequential over tokens; ``cache`` is reset and refilled by this call."""
@@ -78,7 +102,7 @@ class FlowBlock(nn.Module):
         for i in range(1, y.shape[1]):
             mu, log_scale = self.affine_params(x[:, i - 1:i], cache)
             x[:, i] = y[:, i] * torch.exp(-log_scale[:, 0]) + mu[:, 0]
-        return self.permute(x)
+        return self.unmix(self.permute(x))
 
     def parallel_inverse(self, z: Tensor) -> Tensor:
         """One parallel pass approximating Z^t -> Z^{t-1} from Z^t itself (the distilled student, spec §7).
@@ -88,7 +112,7 @@ class FlowBlock(nn.Module):
         """
         y = self.permute(at_least_fp32(z))
         mu, log_scale = self._shifted_params(y)
-        return self.permute(y * torch.exp(-log_scale) + mu)
+        return self.unmix(self.permute(y * torch.exp(-log_scale) + mu))
 
 
 def block_flips(config: FarmerConfig) -> list[bool]:
@@ -119,15 +143,27 @@ class AutoregressiveFlow(nn.Module):
             logdet = logdet + block_logdet
         return path, logdet
 
-    def allocate_cache(self, batch: int, device: torch.device) -> KVCache:
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
         """One cache serves every block in turn: all blocks share layer count and width."""
-        return self.blocks[0].transformer.allocate_cache(batch, device, torch.float32)
+        return self.blocks[0].transformer.allocate_cache(batch, device, dtype)
 
     @torch.no_grad()
     def inverse(self, z: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Z^n -> Z^0 exactly: blocks in reverse order, each sequential over tokens."""
+        """Z^n -> Z^0 exactly: blocks in reverse order, each sequential over tokens.
+
+        Raises FloatingPointError naming the block whose output is not finite (see the module docstring).
+        """
+        z = at_least_fp32(z)
         if cache is None:
-            cache = self.allocate_cache(z.shape[0], z.device)
-        for block in reversed(self.blocks):
-            z = block.inverse(z, cache)
+            cache = self.allocate_cache(z.shape[0], z.device, self.blocks[0].pos.dtype)
+        for index in reversed(range(len(self.blocks))):
+            z = self.blocks[index].inverse(z, cache)
+            check_finite(z, f"flow block {index + 1} of {len(self.blocks)} (inverse)")
         return z
+
+
+def check_finite(z: Tensor, where: str) -> None:
+    """Sampling is finite by construction up to the bound in the module docstring; past it, say where."""
+    if not torch.isfinite(z).all():
+        raise FloatingPointError(f"non-finite values after {where}: the latents or the weights are out of the "
+                                 "range this flow can invert in its precision")

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from farmer.channels import dct_basis
 from farmer.config import FarmerConfig
 from farmer.distill import DistilledInverse
 from farmer.flow import AutoregressiveFlow
@@ -26,6 +27,9 @@ class Farmer(nn.Module):
         self.prior = ARPrior(config) if config.prior == "ar" else StandardNormalPrior(config)
         # The one-step student of spec §7 lives with the model so one checkpoint samples either way.
         self.student = DistilledInverse(config) if config.distilled_inverse else None
+        # Fixed orthonormal patch transform (log-det 0); a function of the config, so not saved with weights.
+        basis = dct_basis(config.patch_size, config.channels) if config.patch_transform == "dct" else None
+        self.register_buffer("patch_basis", None if basis is None else basis.float(), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -33,18 +37,24 @@ class Farmer(nn.Module):
 
     # Pixels <-> tokens -------------------------------------------------------------------------------
     def patchify(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, N, d): row-major patches, channels ordered (row-in-patch, col-in-patch, C)."""
+        """(B, C, H, W) -> (B, N, d): row-major patches, channels ordered (row-in-patch, col-in-patch, C),
+        then the config's patch transform (DCT coefficients in zig-zag order, or the raw pixels)."""
         self.check_images(x, check_range=False)
         b, c, h, w = x.shape
         p = self.config.patch_size
         x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(b, (h // p) * (w // p), p * p * c)
+        tokens = x.reshape(b, (h // p) * (w // p), p * p * c)
+        if self.patch_basis is None:
+            return tokens
+        return tokens @ self.patch_basis.to(tokens.dtype).T
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
         cfg = self.config
         expected = (cfg.num_tokens, cfg.token_dim)
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(f"tokens must have shape (B, {expected[0]}, {expected[1]}), got {tuple(tokens.shape)}")
+        if self.patch_basis is not None:  # orthonormal: the inverse is the transpose
+            tokens = tokens @ self.patch_basis.to(tokens.dtype)
         b, p, c = tokens.shape[0], cfg.patch_size, cfg.channels
         side = cfg.image_size // p
         x = tokens.reshape(b, side, side, p, p, c).permute(0, 5, 1, 3, 2, 4)

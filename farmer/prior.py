@@ -6,6 +6,11 @@ z_i^I predicts G_{i+1}, and the state at z_N^I — which has seen all of Z^I —
 mixture of every redundant vector z_i^R (the "(N+1)-th token"):
 
     P(Z | c) = Π_i P(z_i^I | z_{<i}^I, c) · Π_i P_{N+1}(z_i^R | Z^I, c)
+
+With ``redundant_mixture="per_token"`` the state at z_i^I also predicts a mixture for z_i^R alone
+(docs/method.md, "Per-token redundant mixture"); the likelihood stays exact:
+
+    P(Z | c) = Π_i P(z_i^I | z_{<i}^I, c) · P(z_i^R | z_{≤i}^I, c)
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class ARPrior(nn.Module):
         self.repeat = config.condition_repeat
         self.informative_dim = config.informative_dim
         self.redundant_dim = config.redundant_dim
+        self.per_token_redundant = config.redundant_mixture == "per_token"
         # Index num_classes is the learned null class ∅ (label dropout, classifier-free guidance); an
         # unconditional model has only it.
         self.null_class = config.num_classes
@@ -51,22 +57,26 @@ class ARPrior(nn.Module):
         return self.class_embed(labels)[:, None, :] + self.pos[: self.repeat]
 
     def forward(self, informative: Tensor, labels: Tensor) -> tuple[DiagonalMixture, DiagonalMixture | None]:
-        """Mixtures of every informative token (batch (B, N)) and the shared redundant mixture (batch (B,))."""
+        """Mixtures of every informative token (batch (B, N)) and the redundant mixture: the shared one (batch
+        (B,)) or, per token, one for each z_i^R (batch (B, N))."""
         m = self.repeat
         tokens = self.proj_in(informative) + self.pos[m:]
         h = self.transformer(torch.cat([self._condition(labels), tokens], dim=1), causal=True)
         informative_mix = self.informative_head(h[:, m - 1 : m + self.num_tokens - 1])
-        redundant_mix = None if self.redundant_head is None else self.redundant_head(h[:, -1])
-        return informative_mix, redundant_mix
+        if self.redundant_head is None:
+            return informative_mix, None
+        return informative_mix, self.redundant_head(h[:, m:] if self.per_token_redundant else h[:, -1])
 
     def log_prob(self, informative: Tensor, redundant: Tensor, labels: Tensor) -> Tensor:
         """log P(Z | c) per image (B,) in nats."""
         informative_mix, redundant_mix = self(informative, labels)
         log_p = informative_mix.log_prob(informative).sum(dim=1)
-        if redundant_mix is not None:
-            # One mixture per image, shared by its N redundant vectors: put tokens on a leading sample dim.
-            log_p = log_p + redundant_mix.log_prob(redundant.transpose(0, 1)).sum(dim=0)
-        return log_p
+        if redundant_mix is None:
+            return log_p
+        if self.per_token_redundant:
+            return log_p + redundant_mix.log_prob(redundant).sum(dim=1)
+        # One mixture per image, shared by its N redundant vectors: put tokens on a leading sample dim.
+        return log_p + redundant_mix.log_prob(redundant.transpose(0, 1)).sum(dim=0)
 
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator | None = None, guidance: Guidance | None = None,
@@ -91,7 +101,9 @@ class ARPrior(nn.Module):
             return mix.decoupled(variance_scale, temperature).sample(generator=generator)
 
         cache = self.transformer.allocate_cache(labels.shape[0], labels.device, self.pos.dtype)
-        informative = torch.empty(batch, self.num_tokens, self.informative_dim, device=labels.device)
+        informative = torch.empty(batch, self.num_tokens, self.informative_dim, device=labels.device,
+                                  dtype=self.pos.dtype)
+        redundant = informative.new_zeros(batch, self.num_tokens, self.redundant_dim)
         h = self.transformer(self._condition(labels), causal=True, cache=cache)[:, -1]
         for i in range(self.num_tokens):
             informative[:, i] = draw(self.informative_head(h))
@@ -99,10 +111,12 @@ class ARPrior(nn.Module):
                 step = informative[:, i].repeat(2, 1) if guided else informative[:, i]
                 x = self.proj_in(step) + self.pos[self.repeat + i]
                 h = self.transformer(x[:, None], causal=True, cache=cache)[:, -1]
+            if self.per_token_redundant and self.redundant_head is not None:
+                redundant[:, i] = draw(self.redundant_head(h))
             if progress is not None:
                 progress(1)
-        if self.redundant_head is None:
-            return informative, informative.new_zeros(batch, self.num_tokens, 0)
+        if self.redundant_head is None or self.per_token_redundant:
+            return informative, redundant
         mix = self.redundant_head(h)
         if guided:
             cond, uncond = mix.chunk(2)
