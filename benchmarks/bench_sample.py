@@ -2,7 +2,7 @@
 
 For each batch size, without and with resampling CFG (farmer.guidance.ResamplingGuidance()): every repeat
 draws latents with ``model.prior.sample`` and decodes *those* latents with the exact inverse and — when
-the model has a student, or with ``--distilled`` — with the one-step distilled inverse (spec §7). The
+the model has a student, or with ``--distilled`` — with the one-step distilled inverse (docs/method.md §7). The
 speed-ups are medians of per-repeat ratios, so both sides of a ratio ran back to back on the same input.
 
 Random-initialised weights by default (timing depends on the architecture, not the weights); with

@@ -1,6 +1,6 @@
 """Training and likelihood throughput, peak memory, and the fraction of this machine's matmul peak.
 
-For each preset: a training step (forward + backward of the spec §5 loss, gradient clipping, AdamW step,
+For each preset: a training step (forward + backward of the docs/method.md §5 loss, gradient clipping, AdamW step,
 as in farmer.train minus data loading and EMA) and the likelihood pass (``log_prob``, no grad), in
 images/s; their FLOPs counted by ``torch.utils.flop_counter``; achieved GFLOP/s over the best square
 matmul measured in the same run; and peak memory, read in a fresh subprocess per phase (ru_maxrss on the

@@ -1,4 +1,4 @@
-"""The paper's component ablation at small scale, with equal training budgets (spec §3, §4, §6).
+"""The paper's component ablation at small scale, with equal training budgets (docs/method.md §3, §4, §6).
 
 Every trained variant gets the same data, steps, batch size, learning-rate schedule, EMA and seed; only
 the model config differs from the baseline:
@@ -6,16 +6,22 @@ the model config differs from the baseline:
     farmer               the baseline (a preset, optionally shrunk with overrides for the budget)
     no_dim_reduction     informative_channels=None: the AR models every channel token by token (§3)
     no_condition_repeat  condition_repeat=1 (§4)
-    no_final_permute     final_permute=False (§1.4)
+    no_final_permute     final_permute=False (§1 step 4)
     normal_prior         prior="normal" (a TARFlow-style flow) with flow blocks added to match the
                          baseline's parameter count
     cfg_naive            the baseline's weights sampled with JetFormer's naive CFG (§6)
     cfg_resampling       the baseline's weights sampled with resampling CFG (Algorithm 1), same w
 
-Each variant reports test bits/dim (uniform dequantisation) and, for MNIST / Fashion-MNIST, classifier
-metrics of class-balanced samples. Results go to ``<out>/<variant>/result.json``; a variant whose result
-exists is skipped, and an interrupted training run resumes from its checkpoint, so re-running the same
-command continues where it stopped. ``<out>/results.md`` and ``<out>/results.json`` collect everything.
+The quality study of docs/quality.md adds arms over the project's own design axes (docs/method.md §10–11):
+patch layout (raw / DCT), learned channel mixing, shared / per-token redundant mixture, d_I, and the
+training dequantisation (Gaussian-annealed / uniform).
+
+Each variant reports test bits/dim (uniform dequantisation), the stripe statistic of its samples (vertical
+energy at the patch period over the test data's) and, for MNIST / Fashion-MNIST, classifier metrics of
+class-balanced samples — unguided, and with resampling CFG when ``guided_metrics`` is set. Results go
+to ``<out>/<variant>/result.json``; a variant whose result exists is skipped, and an interrupted training
+run resumes from its checkpoint, so re-running the same command continues where it stopped.
+``<out>/results.md`` and ``<out>/results.json`` collect everything.
 """
 
 from __future__ import annotations
@@ -28,14 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from farmer.analysis import has_classifier
 from farmer.checkpoint import load_model, write_json_atomic
 from farmer.classifier import classifier_metrics
 from farmer.config import FarmerConfig
 from farmer.data import make_dataset
-from farmer.evaluation import balanced_labels, evaluate_bpd, generate
+from farmer.evaluation import balanced_labels, dataset_pixels, evaluate_bpd, generate
 from farmer.guidance import NaiveGuidance, ResamplingGuidance
 from farmer.images import save_grid
+from farmer.metrics import stripe_ratio
 from farmer.model import Farmer
 from farmer.prior import Guidance
 from farmer.train import TrainConfig, train
@@ -68,6 +77,25 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant("cfg_naive", "baseline + naive CFG", guidance="naive"),
         Variant("cfg_resampling", "baseline + resampling CFG", guidance="resampling"),
+        *(
+            Variant(name, description, changes)
+            for name, description, changes in (
+                ("dct", "DCT patch layout", {"patch_transform": "dct"}),
+                ("mixing", "learned channel mixing", {"channel_mixing": True}),
+                ("dct_mixing", "DCT + mixing", {"patch_transform": "dct", "channel_mixing": True}),
+                ("per_token", "per-token Z^R mixture", {"redundant_mixture": "per_token"}),
+                ("dct_per_token", "DCT + per-token Z^R", {"patch_transform": "dct", "redundant_mixture": "per_token"}),
+                ("mixing_per_token", "mixing + per-token Z^R",
+                 {"channel_mixing": True, "redundant_mixture": "per_token"}),
+                ("dct_mixing_per_token", "DCT + mixing + per-token Z^R",
+                 {"patch_transform": "dct", "channel_mixing": True, "redundant_mixture": "per_token"}),
+                ("mixing_per_token_di4", "mixing + per-token Z^R, d_I = 4",
+                 {"channel_mixing": True, "redundant_mixture": "per_token", "informative_channels": 4}),
+                ("uniform", "uniform dequantisation", {"dequantization": "uniform"}),
+                ("mixing_per_token_uniform", "mixing + per-token Z^R + uniform dequantisation",
+                 {"channel_mixing": True, "redundant_mixture": "per_token", "dequantization": "uniform"}),
+            )
+        ),
     )
 }
 
@@ -91,6 +119,7 @@ class AblationConfig:
     num_samples: int = 500  # class-balanced samples for the classifier metrics
     sample_batch: int = 250
     guidance_scale: float = 1.5  # w of both CFG variants
+    guided_metrics: bool = False  # also score resampling-CFG samples (w = guidance_scale) of every variant
     variants: tuple[str, ...] = tuple(VARIANTS)
 
     def __post_init__(self) -> None:
@@ -222,35 +251,48 @@ def run_variant(
     log(f"[{name}] test bits/dim {bpd:.4f} on {min(cfg.eval_images, len(test_set))} images")
 
     start = time.perf_counter()
-    guidance = _guidance(variant.guidance, cfg.guidance_scale)
-    labels = balanced_labels(model, cfg.num_samples)
-    pixels = generate(model, cfg.num_samples, labels, cfg.seed, cfg.sample_batch, guidance=guidance)
-    # No classifier for e.g. the 8x8 digits: the samples still make the grid.
-    metrics = classifier_metrics(pixels, cfg.data, labels) if has_classifier(model, cfg.data) else {}
-    save_grid(pixels[:100], out_dir / name / "samples.png", nrow=10, scale=2)
+    reference = dataset_pixels(cfg.data, "test", cfg.num_samples, model_config.image_size, cfg.data_root)
+    guided = variant.guidance or ("resampling" if cfg.guided_metrics and model_config.conditional else None)
+    samples = {"": _sample_metrics(model, cfg, variant.guidance, reference, out_dir / name / "samples.png")}
+    if guided and not variant.guidance:
+        samples["cfg_"] = _sample_metrics(model, cfg, guided, reference, out_dir / name / "samples_cfg.png")
     result = {
         "variant": name,
         "budget": budget,
         "description": variant.description,
         "checkpoint": str(run_dir),
         "guidance": variant.guidance,
-        "guidance_scale": cfg.guidance_scale if variant.guidance else None,
+        "guidance_scale": cfg.guidance_scale if guided else None,
         "params": parameter_counts(model_config),
         "model": model_config.to_dict(),
         "test_bpd": bpd,
         "bpd_images": min(cfg.eval_images, len(test_set)),
-        **{k: metrics.get(k) for k in ("classifier_score", "frechet_distance", "accuracy")},
+        **{prefix + k: v for prefix, metrics in samples.items() for k, v in metrics.items()},
         "num_samples": cfg.num_samples,
         "train_seconds": round(train_seconds, 1),  # of this invocation (0 when the checkpoint was complete)
         "sample_seconds": round(time.perf_counter() - start, 1),
     }
     result_file.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(result_file, result)
-    scores = ", ".join(
-        f"{k} {metrics[k]:.4g}" for k in ("classifier_score", "frechet_distance", "accuracy") if k in metrics
-    )
-    log(f"[{name}] {cfg.num_samples} samples in {result['sample_seconds']} s" + (f": {scores}" if scores else ""))
+    scores = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k.endswith(SAMPLE_METRICS) and v is not None)
+    log(f"[{name}] samples in {result['sample_seconds']} s: {scores}")
     return result
+
+
+SAMPLE_METRICS = ("classifier_score", "frechet_distance", "accuracy", "stripe_ratio")
+
+
+def _sample_metrics(model: Farmer, cfg: AblationConfig, guidance: str | None, reference: Tensor,
+                    grid: Path) -> dict[str, float | None]:
+    """Classifier metrics (where a classifier exists) and the stripe statistic of class-balanced samples."""
+    labels = balanced_labels(model, cfg.num_samples)
+    pixels = generate(model, cfg.num_samples, labels, cfg.seed, cfg.sample_batch,
+                      guidance=_guidance(guidance, cfg.guidance_scale))
+    # No classifier for e.g. the 8x8 digits: the samples still make the grid.
+    metrics = classifier_metrics(pixels, cfg.data, labels) if has_classifier(model, cfg.data) else {}
+    save_grid(pixels[:100], grid, nrow=10, scale=2)
+    return {**{k: metrics.get(k) for k in SAMPLE_METRICS[:3]},
+            "stripe_ratio": stripe_ratio(pixels, reference, model.config.patch_size)}
 
 
 def _cell(value: float | None, digits: int = 3) -> str:
@@ -271,15 +313,16 @@ def results_table(cfg: AblationConfig, results: list[dict[str, Any]]) -> str:
         f"{cfg.guidance_scale:g}). CFG rows reuse the baseline's weights.",
         "",
         "| variant | change | AF params | AR params | total | test bpd ↓ | classifier score ↑ "
-        "| Fréchet dist. ↓ | accuracy ↑ |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| Fréchet dist. ↓ | accuracy ↑ | stripes (→ 1) | CFG: accuracy ↑ | CFG: Fréchet ↓ | CFG: stripes |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         p = r["params"]
         lines.append(
             f"| {r['variant']} | {r['description']} | {p['flow']:,} | {p['prior']:,} | {p['total']:,} "
             f"| {_cell(r['test_bpd'], 4)} | {_cell(r['classifier_score'])} | {_cell(r['frechet_distance'], 2)} "
-            f"| {_cell(r['accuracy'])} |"
+            f"| {_cell(r['accuracy'])} | {_cell(r.get('stripe_ratio'), 2)} | {_cell(r.get('cfg_accuracy'))} "
+            f"| {_cell(r.get('cfg_frechet_distance'), 2)} | {_cell(r.get('cfg_stripe_ratio'), 2)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""The paper's analyses as figures (spec §9): each function takes a model (+ data or labels), writes a PNG
+"""The paper's analyses as figures (docs/method.md §9): each function takes a model (+ data or labels), writes a PNG
 with matplotlib and returns the numbers it plotted.
 
 - :func:`information_separation`: noise on only the redundant channels of block-t latents vs on all channels.
@@ -43,7 +43,7 @@ def _model_images(model: Farmer, images: Tensor) -> Tensor:
 
 
 def _require_redundant(model: Farmer, analysis: str) -> int:
-    """d_I, after checking that the model has redundant channels at all (spec §3)."""
+    """d_I, after checking that the model has redundant channels at all (docs/method.md §3)."""
     cfg = model.config
     if cfg.redundant_dim == 0:
         raise ValueError(
@@ -73,7 +73,7 @@ def _figure(**kwargs: Any) -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("the analysis figures need matplotlib: pip install 'farmer[extras]'") from err
+        raise ImportError("the analysis figures need matplotlib: pip install matplotlib (in the 'all' extra)") from err
     return Figure(**kwargs)
 
 
@@ -147,7 +147,7 @@ def information_separation(
         row = [model_to_pixels(shown)]
         for j, a in enumerate(levels):
             full = (1 - a) * z + a * eps
-            # The split of spec §3 is by channel within each token: the final permute only reverses token
+            # The split of docs/method.md §3 is by channel within each token: the final permute only reverses token
             # order, so the last d_R channels are the redundant ones in every block's latent as well.
             partial = torch.cat([z[..., :d_i], full[..., d_i:]], dim=-1)
             for kind, perturbed in (("partial", partial), ("full", full)):
@@ -235,7 +235,7 @@ def logdet_outliers(
     model: Farmer, images: Tensor, out: str | Path, k: int = 8, bins: int = 40, batch_size: int = 256
 ) -> dict[str, Any]:
     """Histogram of the per-image flow log-det log|det ∂Z^n/∂Z^0| (nats) of ``images`` (data or samples),
-    with the k lowest and k highest images: abnormal log-dets mark blurred or broken images (spec §9).
+    with the k lowest and k highest images: abnormal log-dets mark blurred or broken images (docs/method.md §9).
 
     Returns logdet (N,), the histogram counts and bin_edges, and the indices lowest / highest (most extreme
     first).

@@ -1,6 +1,6 @@
-"""Within-token channel transforms (docs/method.md, "Channel transforms").
+"""Within-token channel transforms (docs/method.md §10).
 
-The AF of spec §2 shifts and scales each channel of token i with parameters computed from tokens < i: it
+The AF of docs/method.md §2 shifts and scales each channel of token i with parameters computed from tokens < i: it
 never mixes the channels *within* a token. With raw (row, col, C) patch tokens the first d_I channels are
 then just the top rows of every patch, and the redundant channels (the bottom rows) are as detailed as the
 informative ones. Two exact, invertible transforms put a token's content where dimension reduction wants

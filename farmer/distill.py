@@ -1,4 +1,4 @@
-"""One-step distillation of the flow inverse (spec §7, supplementary Algorithm 2).
+"""One-step distillation of the flow inverse (docs/method.md §7, supplementary Algorithm 2).
 
 The exact inverse is sequential over N tokens in each of n blocks. The teacher's *forward* pass already
 gives the whole path Z^0 … Z^n in parallel, so a student — a copy of the teacher flow with bidirectional

@@ -30,7 +30,7 @@ def _first(dataset: Dataset, n: int | None, batch_size: int, seed: int) -> DataL
 @torch.no_grad()
 def evaluate_bpd(model: Farmer, dataset: Dataset, batch_size: int = 256, max_images: int | None = None,
                  seed: int = 0, progress: bool = False) -> float:
-    """Test bits/dim with uniform U(0, 1/128) dequantisation (spec §5), labels included when the model
+    """Test bits/dim with uniform U(0, 1/128) dequantisation (docs/method.md §5), labels included when the model
     is conditional. A fixed-seed generator keeps the number reproducible."""
     model.eval()
     total, count = 0.0, 0
@@ -89,7 +89,7 @@ def psnr(mse: float) -> float:
 @torch.no_grad()
 def compare_inverses(model: Farmer, n: int = 1000, batch_size: int = 250, seed: int = 0,
                      progress: bool = False, **sample_kwargs: Any) -> dict[str, Any]:
-    """Spec §7 check: latents drawn by the prior, inverted exactly and by the student.
+    """docs/method.md §7 check: latents drawn by the prior, inverted exactly and by the student.
 
     Returns PSNR / max error of the student's images against the exact ones, the time each inverse took,
     and both sets of uint8 samples (for sample-quality metrics side by side).

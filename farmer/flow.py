@@ -1,4 +1,4 @@
-"""The autoregressive flow (AF): n TARFlow-style causal-transformer blocks over patch tokens (spec §2).
+"""The autoregressive flow (AF): n TARFlow-style causal-transformer blocks over patch tokens (docs/method.md §2).
 
 Block t maps Z^{t-1} to Z^t. In the block's token order, token i is shifted and scaled with
 parameters computed from tokens < i only:
@@ -40,8 +40,8 @@ class FlowBlock(nn.Module):
     def __init__(self, config: FarmerConfig, flip: bool, causal: bool = True) -> None:
         super().__init__()
         dim, width = config.token_dim, config.flow_width
-        self.flip = flip  # this block sees the tokens in reversed order (spec §2: per-block permutation)
-        self.causal = causal  # False only for the distilled student (spec §7)
+        self.flip = flip  # this block sees the tokens in reversed order (docs/method.md §2)
+        self.causal = causal  # False only for the distilled student (docs/method.md §7)
         self.log_scale_bound = config.log_scale_bound
         self.proj_in = nn.Linear(dim, width)
         self.pos = nn.Parameter(torch.randn(config.num_tokens, width) * 0.02)
@@ -105,7 +105,7 @@ class FlowBlock(nn.Module):
         return self.unmix(self.permute(x))
 
     def parallel_inverse(self, z: Tensor) -> Tensor:
-        """One parallel pass approximating Z^t -> Z^{t-1} from Z^t itself (the distilled student, spec §7).
+        """One parallel pass approximating Z^t -> Z^{t-1} from Z^t itself (the distilled student, docs/method.md §7).
 
         Same parametrisation as the exact inverse, but μ and σ are read off the *output* tokens, which a
         bidirectional transformer (``causal=False``) is trained to make match the teacher's.
@@ -134,7 +134,7 @@ class AutoregressiveFlow(nn.Module):
         return path[-1], logdet
 
     def forward_path(self, tokens: Tensor) -> tuple[list[Tensor], Tensor]:
-        """The whole path [Z^0, …, Z^n] in one parallel pass (the teacher targets of spec §7) and the log-det."""
+        """The whole path [Z^0, …, Z^n] in one parallel pass (teacher targets, docs/method.md §7) and the log-det."""
         path = [at_least_fp32(tokens)]
         logdet = path[0].new_zeros(tokens.shape[0])
         for block in self.blocks:

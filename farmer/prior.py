@@ -1,4 +1,4 @@
-"""The AR prior over the flow's latent tokens (spec §3–4), and the standard-normal baseline.
+"""The AR prior over the flow's latent tokens (docs/method.md §3–4), and the standard-normal baseline.
 
 Input sequence: the class embedding repeated M times (condition repeat), then the projected informative
 tokens z_1^I … z_N^I. The state at the last condition slot predicts the mixture G_1 of z_1^I, the state at
@@ -8,7 +8,7 @@ mixture of every redundant vector z_i^R (the "(N+1)-th token"):
     P(Z | c) = Π_i P(z_i^I | z_{<i}^I, c) · Π_i P_{N+1}(z_i^R | Z^I, c)
 
 With ``redundant_mixture="per_token"`` the state at z_i^I also predicts a mixture for z_i^R alone
-(docs/method.md, "Per-token redundant mixture"); the likelihood stays exact:
+(docs/method.md §11); the likelihood stays exact:
 
     P(Z | c) = Π_i P(z_i^I | z_{<i}^I, c) · P(z_i^R | z_{≤i}^I, c)
 """
@@ -53,7 +53,7 @@ class ARPrior(nn.Module):
                                            config.min_mixture_scale) if self.redundant_dim else None)
 
     def _condition(self, labels: Tensor) -> Tensor:
-        """The class embedding repeated M times, with positions (spec §4, "condition repeat")."""
+        """The class embedding repeated M times, with positions (docs/method.md §4, "condition repeat")."""
         return self.class_embed(labels)[:, None, :] + self.pos[: self.repeat]
 
     def forward(self, informative: Tensor, labels: Tensor) -> tuple[DiagonalMixture, DiagonalMixture | None]:
@@ -87,7 +87,7 @@ class ARPrior(nn.Module):
         Without guidance the mixtures are sampled with the decoupled knobs of supplementary §7: the
         Gaussian variance times ``variance_scale`` (s) and the logits divided by ``temperature`` (T).
         With guidance the conditional and null-class branches run as one batch of 2B and each token is
-        drawn by ``guided_sample`` (spec §6); its own proposal temperatures apply.
+        drawn by ``guided_sample`` (docs/method.md §6); its own proposal temperatures apply.
         """
         batch = labels.shape[0]
         guided = guidance is not None

@@ -1,5 +1,6 @@
-"""One-step distillation (spec §7, Algorithm 2): block order, shapes, and that training lowers every block's loss."""
+"""One-step distillation (docs/method.md §7, Algorithm 2): block order, shapes, training lowers every block's loss."""
 
+import pytest
 import torch
 from helpers import randomize, small_config
 
@@ -7,16 +8,17 @@ from farmer.distill import DistilledInverse, distillation_loss
 from farmer.flow import AutoregressiveFlow
 
 
-def teacher_and_tokens(blocks: int = 3) -> tuple:
-    config = small_config(flow_blocks=blocks)
+def teacher_and_tokens(blocks: int = 3, mixing: bool = False) -> tuple:
+    config = small_config(flow_blocks=blocks, channel_mixing=mixing)
     torch.manual_seed(0)
     teacher = randomize(AutoregressiveFlow(config), 0.05).eval().requires_grad_(False)
     tokens = torch.randn(16, config.num_tokens, config.token_dim, generator=torch.Generator().manual_seed(1))
     return config, teacher, tokens
 
 
-def test_student_blocks_mirror_the_teacher_in_reverse_order() -> None:
-    config, teacher, tokens = teacher_and_tokens()
+@pytest.mark.parametrize("mixing", [False, True], ids=["plain", "mixing"])
+def test_student_blocks_mirror_the_teacher_in_reverse_order(mixing: bool) -> None:
+    config, teacher, tokens = teacher_and_tokens(mixing=mixing)
     path, _ = teacher.forward_path(tokens)
     student = DistilledInverse.from_teacher(config, teacher)
     # With causal attention restored, the student's blocks are the teacher's: running their exact inverses in
@@ -39,8 +41,9 @@ def test_student_blocks_mirror_the_teacher_in_reverse_order() -> None:
     assert len(outputs) == config.flow_blocks and all(o.shape == tokens.shape for o in outputs)
 
 
-def test_distillation_lowers_every_blocks_loss_on_a_fixed_batch() -> None:
-    config, teacher, tokens = teacher_and_tokens()
+@pytest.mark.parametrize("mixing", [False, True], ids=["plain", "mixing"])
+def test_distillation_lowers_every_blocks_loss_on_a_fixed_batch(mixing: bool) -> None:
+    config, teacher, tokens = teacher_and_tokens(mixing=mixing)
     student = DistilledInverse.from_teacher(config, teacher)
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
 

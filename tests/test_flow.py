@@ -1,4 +1,4 @@
-"""The autoregressive flow (spec §2): invertibility, exact log-det, causality, cached == uncached."""
+"""The autoregressive flow (docs/method.md §2): invertibility, exact log-det, causality, cached == uncached."""
 
 import pytest
 import torch
@@ -23,7 +23,9 @@ def random_tokens(config: FarmerConfig, batch: int = 3, seed: int = 1) -> torch.
     small_config(permutation="reverse", flow_blocks=3),
     small_config(image_size=12, channels=3, patch_size=4, flow_layers=2, flow_width=48),
     FarmerConfig.preset("mnist").replace(flow_blocks=2, flow_layers=1),
-], ids=["tiny", "reverse", "rgb", "mnist-shape"])
+    small_config(channel_mixing=True),
+    small_config(image_size=12, channels=3, patch_size=4, flow_width=48, channel_mixing=True),
+], ids=["tiny", "reverse", "rgb", "mnist-shape", "mixing", "rgb-mixing"])
 def test_inverse_recovers_tokens(config: FarmerConfig) -> None:
     flow = random_flow(config)
     tokens = random_tokens(config)
@@ -41,8 +43,9 @@ def test_new_blocks_start_as_identity() -> None:
     torch.testing.assert_close(logdet, torch.zeros(tokens.shape[0]))
 
 
-def test_logdet_matches_autograd_jacobian() -> None:
-    config = small_config(flow_blocks=3)
+@pytest.mark.parametrize("mixing", [False, True], ids=["plain", "mixing"])
+def test_logdet_matches_autograd_jacobian(mixing: bool) -> None:
+    config = small_config(flow_blocks=3, channel_mixing=mixing)
     flow = random_flow(config, std=0.2).double()  # fp64 so the reference Jacobian is exact to ~1e-12
     tokens = random_tokens(config, batch=2).double()
     _, logdet = flow(tokens)
@@ -57,8 +60,9 @@ def test_logdet_matches_autograd_jacobian() -> None:
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_block_is_causal_in_its_token_order(flip: bool) -> None:
-    config = small_config()
+@pytest.mark.parametrize("mixing", [False, True], ids=["plain", "mixing"])
+def test_block_is_causal_in_its_token_order(flip: bool, mixing: bool) -> None:
+    config = small_config(channel_mixing=mixing)
     torch.manual_seed(0)
     block = randomize(FlowBlock(config, flip=flip), 0.2).eval()
     tokens = random_tokens(config, batch=1)

@@ -1,4 +1,4 @@
-"""Farmer end to end (spec §1, §5): likelihood units, K = 1 equivalence, learning, input checks."""
+"""Farmer end to end (docs/method.md §1, §5): likelihood units, K = 1 equivalence, learning, input checks."""
 
 import math
 
@@ -24,7 +24,9 @@ def test_patchify_round_trip_and_layout() -> None:
 @pytest.mark.parametrize("changes", [
     {}, {"final_permute": False}, {"condition_repeat": 1}, {"informative_channels": None},
     {"prior": "normal"}, {"num_classes": 0},
-], ids=["default", "no-final-permute", "no-repeat", "no-dim-reduction", "normal-prior", "unconditional"])
+    {"patch_transform": "dct", "channel_mixing": True, "redundant_mixture": "per_token"},
+], ids=["default", "no-final-permute", "no-repeat", "no-dim-reduction", "normal-prior", "unconditional",
+        "dct-mixing-per-token"])
 def test_log_prob_matches_decoded_latents_and_sampling_inverts(changes: dict) -> None:
     config = small_config(**changes)
     model = random_model(config)
@@ -124,7 +126,7 @@ def test_tiny_overfits_digits_and_log_prob_agrees_with_loss() -> None:
 
 
 def test_paper_preset_parameter_counts() -> None:
-    """Counted on the meta device (no weights allocated) against spec §8 / supplementary Tab. 6."""
+    """Counted on the meta device (no weights allocated) against docs/method.md §8 / supplementary Tab. 6."""
     def count(name: str) -> tuple[float, float]:
         with torch.device("meta"):
             model = Farmer(FarmerConfig.preset(name))
