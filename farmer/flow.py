@@ -104,6 +104,33 @@ class FlowBlock(nn.Module):
             x[:, i] = y[:, i] * torch.exp(-log_scale[:, 0]) + mu[:, 0]
         return self.unmix(self.permute(x))
 
+    def jacobi_inverse(self, z: Tensor, cache: KVCache, group_size: int, tol: float) -> tuple[Tensor, int]:
+        """Z^t -> Z^{t-1} by Gauss–Seidel–Jacobi iteration (docs/method.md §7): groups of ``group_size``
+        tokens in order; within a group every token is updated in parallel from the current guess,
+
+            x_i <- y_i ⊘ σ(x_{<i}) + μ(x_{<i}),
+
+        until the largest change is below ``tol``. The exact inverse is the fixed point: with the tokens
+        before a group exact, k sweeps make its first k tokens exact, so a group of g tokens needs at most g
+        sweeps (group_size 1 is the sequential inverse, group_size N plain Jacobi). Finished groups stay in
+        the cache. Returns (Z^{t-1}, sweeps run).
+        """
+        y = self.permute(at_least_fp32(z))
+        x = y.clone()  # the initial guess; token 1 is exact already (μ = 0, σ = 1)
+        sweeps = 0
+        for start in range(1, y.shape[1], group_size):
+            end = min(start + group_size, y.shape[1])
+            for _ in range(end - start):
+                cache.length = start - 1  # rewrite this group's keys from the current guess
+                mu, log_scale = self.affine_params(x[:, start - 1:end - 1], cache)
+                update = y[:, start:end] * torch.exp(-log_scale) + mu
+                change = (update - x[:, start:end]).abs().max()
+                x[:, start:end] = update
+                sweeps += 1
+                if change <= tol:
+                    break
+        return self.unmix(self.permute(x)), sweeps
+
     def parallel_inverse(self, z: Tensor) -> Tensor:
         """One parallel pass approximating Z^t -> Z^{t-1} from Z^t itself (the distilled student, docs/method.md §7).
 
@@ -160,6 +187,29 @@ class AutoregressiveFlow(nn.Module):
             z = self.blocks[index].inverse(z, cache)
             check_finite(z, f"flow block {index + 1} of {len(self.blocks)} (inverse)")
         return z
+
+
+    @torch.no_grad()
+    def jacobi_inverse(self, z: Tensor, group_size: int | None = None, tol: float = 1e-5,
+                       cache: KVCache | None = None) -> tuple[Tensor, list[int]]:
+        """Z^n -> Z^0 with :meth:`FlowBlock.jacobi_inverse` in every block (None: one group of all tokens).
+
+        Returns Z^0 and the sweeps each block ran, in flow order (block 1 first). Equal to
+        :meth:`inverse` up to ``tol``-sized differences; faster where a parallel pass over a group costs
+        little more than one token step (batch 1, wide hardware).
+        """
+        num_tokens = z.shape[1]
+        group_size = num_tokens if group_size is None else group_size
+        if group_size < 1 or not tol > 0:
+            raise ValueError(f"group_size must be >= 1 and tol > 0, got {group_size} and {tol}")
+        z = at_least_fp32(z)
+        if cache is None:
+            cache = self.allocate_cache(z.shape[0], z.device, self.blocks[0].pos.dtype)
+        sweeps = [0] * len(self.blocks)
+        for index in reversed(range(len(self.blocks))):
+            z, sweeps[index] = self.blocks[index].jacobi_inverse(z, cache, group_size, tol)
+            check_finite(z, f"flow block {index + 1} of {len(self.blocks)} (Jacobi inverse)")
+        return z, sweeps
 
 
 def check_finite(z: Tensor, where: str) -> None:

@@ -116,3 +116,29 @@ def test_flow_math_is_fp32_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z, logdet = flow(tokens)
     assert z.dtype == torch.float32 and logdet.dtype == torch.float32
+
+
+@pytest.mark.parametrize("group_size", [None, 1, 5], ids=["jacobi", "sequential", "gs-jacobi"])
+@pytest.mark.parametrize("mixing", [False, True], ids=["plain", "mixing"])
+def test_jacobi_inverse_converges_to_the_sequential_inverse(group_size: int | None, mixing: bool) -> None:
+    config = small_config(flow_blocks=3, channel_mixing=mixing)
+    flow = random_flow(config, std=0.1)
+    tokens = random_tokens(config)
+    z, _ = flow(tokens)
+    x, sweeps = flow.jacobi_inverse(z, group_size, tol=1e-7)
+    torch.testing.assert_close(x, flow.inverse(z), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x, tokens, atol=1e-4, rtol=0)
+    n = config.num_tokens
+    assert len(sweeps) == config.flow_blocks and all(1 <= s <= n - 1 for s in sweeps)
+    if group_size == 1:  # one sweep per token is the sequential inverse
+        assert sweeps == [n - 1] * config.flow_blocks
+
+
+def test_jacobi_stops_early_only_at_its_tolerance() -> None:
+    config = small_config(flow_blocks=1)
+    flow = random_flow(config, std=0.05)
+    z, _ = flow(random_tokens(config))
+    loose, loose_sweeps = flow.jacobi_inverse(z, tol=1e-2)
+    exact, exact_sweeps = flow.jacobi_inverse(z, tol=1e-9)
+    assert loose_sweeps[0] < exact_sweeps[0] <= config.num_tokens - 1
+    assert (loose - exact).abs().max() > 1e-6, "a loose tolerance must stop before the fixed point"
