@@ -1,4 +1,4 @@
-"""Classifier-free guidance for mixture priors, as pure functions of two mixtures (spec §6).
+"""Classifier-free guidance for mixture priors, as pure functions of two mixtures (docs/guidance.md).
 
 Target per token, with p_c = p(·|c), p_u = p(·|∅) and scale w:
 
@@ -11,7 +11,9 @@ importance resampling; naive CFG (JetFormer's) draws a per-component Gaussian ve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor
@@ -20,6 +22,12 @@ from farmer.mixture import DiagonalMixture
 
 # Stand-in for ±inf log-weights: finite, so the softmax over a pool never sees inf − inf.
 _LOG_WEIGHT_BOUND = 1e30
+
+# How the weight temperatures T_π, T_π,v act on the logits, and how T_σ, T_σ,v act on a Gaussian
+# (docs/guidance.md, "Conventions").
+TemperatureConvention = Literal["divide", "multiply"]
+StdConvention = Literal["std", "variance"]
+RedundantDraw = Literal["with_replacement", "without_replacement"]
 
 
 def _check_count(name: str, value: int) -> None:
@@ -32,20 +40,60 @@ def _check_scale(scale: float) -> None:
         raise ValueError(f"guidance scale must be a finite number >= 0, got {scale}")
 
 
+def _check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _check_choice(name: str, value: str, kind: Any) -> None:
+    if value not in get_args(kind):
+        raise ValueError(f"{name} must be one of {', '.join(get_args(kind))}, got {value!r}")
+
+
+def effective_sample_size(probs: Tensor) -> Tensor:
+    """ESS = 1 / Σ p² of resampling probabilities (..., P) -> (...): P for uniform weights, 1 when one
+    candidate holds all the mass. Resampling N tokens from a pool of ESS n yields at most about n distinct
+    candidates that matter."""
+    return probs.square().sum(dim=-1).reciprocal()
+
+
+@dataclass
+class SharedPoolStats:
+    """Diversity of the shared redundant pool, appended per sampled batch when a caller asks for it by
+    passing one as ``ResamplingGuidance.stats``: each entry is (B,), one value per image."""
+
+    ess: list[Tensor] = field(default_factory=list)  # effective sample size of the image's pool
+    distinct: list[Tensor] = field(default_factory=list)  # distinct candidates among the image's N draws
+
+
 @dataclass(frozen=True)
 class ResamplingGuidance:
-    """Knobs of resampling CFG; defaults are the paper's FARMER-1.1B/p16 settings (spec §6)."""
+    """Knobs of resampling CFG (supplementary §8, Algorithm 1); the numbers are the paper's FARMER-1.1B/p16
+    settings. How T_π, T_π,v and T_σ, T_σ,v act is set by the two conventions (see :meth:`temper`);
+    the defaults are the readings that sampled better on the shipped model (docs/guidance.md).
+    """
 
     scale: float = 2.5  # w
-    proposal_weight_temperature: float = 1.0  # T_π: proposal logits / T_π
-    proposal_std_scale: float = 0.9  # T_σ: multiplies the proposals' stds
+    proposal_weight_temperature: float = 1.0  # T_π, on the proposal mixtures' logits
+    proposal_std_scale: float = 0.9  # T_σ, on the proposal mixtures' Gaussians
     cond_candidates: int = 5  # s_c
     uncond_candidates: int = 5  # s_u
-    eval_weight_temperature: float = 0.2  # T_π,v: logits / T_π,v of the mixtures that evaluate Δ
-    eval_std_scale: float = 0.9  # T_σ,v
-    resample_temperature: float = 1.1  # T_s: multiplies the log-weights
+    eval_weight_temperature: float = 0.2  # T_π,v, on the logits of the mixtures that evaluate Δ
+    eval_std_scale: float = 0.9  # T_σ,v, on their Gaussians
+    resample_temperature: float = 1.1  # T_s: multiplies the log-weights ("higher T_s emphasises high-weight")
+    # "divide": logits / T (T > 1 flattens, as the unguided T); "multiply": logits × T, the appendix's
+    # literal "applied multiplicatively to the mixture weights before normalization".
+    temperature_convention: TemperatureConvention = "divide"
+    # "std": every std × T_σ; "variance": every variance × T_σ (the appendix's "applied to the variance",
+    # and how the unguided s acts).
+    std_convention: StdConvention = "std"
     # Candidates per branch in the one pool of the shared redundant mixture; None -> s_c·N and s_u·N.
     redundant_pool: int | None = None
+    # How the N redundant vectors of an image are drawn from its one pool: i.i.d. by the resampling
+    # probabilities (Algorithm 1), or N distinct candidates (Gumbel-top-k on the same log-weights).
+    redundant_draw: RedundantDraw = "with_replacement"
+    # Not a knob: where the shared pool's diversity is recorded, when a caller wants it.
+    stats: SharedPoolStats | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_scale(self.scale)
@@ -64,9 +112,16 @@ class ResamplingGuidance:
             "eval_std_scale",
             "resample_temperature",
         ):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+            _check_positive(name, getattr(self, name))
+        _check_choice("temperature_convention", self.temperature_convention, TemperatureConvention)
+        _check_choice("std_convention", self.std_convention, StdConvention)
+        _check_choice("redundant_draw", self.redundant_draw, RedundantDraw)
+
+    def temper(self, mix: DiagonalMixture, weight_temperature: float, std_temperature: float) -> DiagonalMixture:
+        """``mix`` under one (T_π, T_σ) pair of Algorithm 1, read by this guidance's two conventions."""
+        divisor = weight_temperature if self.temperature_convention == "divide" else 1 / weight_temperature
+        std_scale = std_temperature if self.std_convention == "std" else math.sqrt(std_temperature)
+        return mix.tempered(divisor, std_scale)
 
 
 @dataclass(frozen=True)
@@ -76,18 +131,29 @@ class NaiveGuidance:
     Source: big_vision, ``models/proj/givt/parallel_decode.py::CFGDensity`` as called by
     ``trainers/proj/jetformer/predict_fns.py``. It draws one component index k from the CONDITIONAL weights,
     pairs the conditional and unconditional components with that same index, and samples each channel
-    from p_c,k^(1+w) p_u,k^(−w). big_vision approximates that 1-D density by rejection sampling on a grid;
-    for two Gaussians it is the Gaussian of precision λ = (1+w)/σ_c² − w/σ_u² and mean
-    ((1+w) μ_c/σ_c² − w μ_u/σ_u²)/λ, which is drawn here exactly. Where it is improper (λ <= eps/σ_c², an
-    unconditional std much smaller than the conditional one) the channel falls back to the conditional
-    component, as big_vision falls back when its rejection sampler fails. Temperatures are the caller's:
-    pass tempered mixtures (``DiagonalMixture.tempered``).
+    from p_c,k^(1+w) p_u,k^(−w). big_vision approximates that 1-D density by rejection sampling with
+    proposals around μ_c, so its draws stay where p_c,k has mass. For two Gaussians the density is the
+    Gaussian of precision λ = (1+w)/σ_c² − w/σ_u² and mean μ_c + w (μ_c − μ_u)/(σ_u² λ), drawn here exactly
+    except that both are bounded, which keeps the draw near μ_c in the same way:
+
+    - λ is floored at ``min_precision_ratio``/σ_c², so the std is at most σ_c/√min_precision_ratio;
+    - the mean's shift from μ_c is clamped to ±``max_mean_shift``·σ_c.
+
+    Without the bounds the product diverges as λ → 0 (an unconditional std just below √(w/(1+w)) σ_c: at
+    σ_c = 1, σ_u = 0.846, μ_u − μ_c = 0.5, w = 2.5 the exact draw has mean −250 and std 12) and is improper
+    beyond. Both bounds are continuous in the parameters, so the draw moves smoothly across that boundary;
+    they leave ordinary products (λ ≥ prec_c/4 and shifts under 3σ_c at the defaults) untouched.
+    Temperatures are the caller's: pass tempered mixtures (``DiagonalMixture.tempered``).
     """
 
     scale: float
+    min_precision_ratio: float = 0.25
+    max_mean_shift: float = 3.0
 
     def __post_init__(self) -> None:
         _check_scale(self.scale)
+        _check_positive("min_precision_ratio", self.min_precision_ratio)
+        _check_positive("max_mean_shift", self.max_mean_shift)
 
 
 def _check_pair(cond: DiagonalMixture, uncond: DiagonalMixture) -> None:
@@ -106,12 +172,14 @@ def _resample(
     num_draws: int,
     g: ResamplingGuidance,
     generator: torch.Generator | None,
+    distinct: bool = False,
 ) -> Tensor:
-    """Algorithm 1 on one pool per batch element: (*batch, num_draws, D), draws with replacement."""
+    """Algorithm 1 on one pool per batch element: (*batch, num_draws, D), drawn with replacement, or as
+    num_draws distinct candidates when ``distinct``."""
     _check_pair(cond, uncond)
     # 1. Propose from the proposal-tempered mixtures.
     proposals = [
-        mix.tempered(g.proposal_weight_temperature, g.proposal_std_scale).sample((n,), generator)
+        g.temper(mix, g.proposal_weight_temperature, g.proposal_std_scale).sample((n,), generator)
         for mix, n in ((cond, num_cond), (uncond, num_uncond))
         if n > 0
     ]
@@ -119,28 +187,46 @@ def _resample(
     # 2. Weigh. Δ uses the eval-tempered mixtures. A candidate from p_c has importance weight
     # p'/p_c = e^{wΔ}, one from p_u has p'/p_u = e^{(w+1)Δ}; under its own proposal each has mean
     # Z' = ∫ p_c^(1+w) p_u^(−w), so the weights of both branches are on one scale and are normalised by ONE
-    # softmax over the joint pool (spec §6 "normalise over the pool"): self-normalised importance
-    # resampling, exact as the pool grows when every temperature is 1, and the better-matched branch wins
-    # more draws (normalising per branch would fix the split at s_c : s_u). T_s multiplies the
-    # log-weights before that softmax.
-    cond_v = cond.tempered(g.eval_weight_temperature, g.eval_std_scale)
-    uncond_v = uncond.tempered(g.eval_weight_temperature, g.eval_std_scale)
+    # softmax over the joint pool: self-normalised importance resampling, exact as the pool grows when every
+    # temperature is 1, and the better-matched branch wins more draws (normalising per branch would fix the
+    # split at s_c : s_u). T_s multiplies the log-weights before that softmax.
+    cond_v = g.temper(cond, g.eval_weight_temperature, g.eval_std_scale)
+    uncond_v = g.temper(uncond, g.eval_weight_temperature, g.eval_std_scale)
     delta = cond_v.log_prob(pool) - uncond_v.log_prob(pool)  # (P, *batch)
-    coef = torch.cat(
-        [delta.new_full((num_cond,), g.scale), delta.new_full((num_uncond,), g.scale + 1.0)]
-    ).view(-1, *([1] * (delta.ndim - 1)))
+    coef = torch.cat([delta.new_full((num_cond,), g.scale), delta.new_full((num_uncond,), g.scale + 1.0)]).view(
+        -1, *([1] * (delta.ndim - 1))
+    )
     # 0·Δ is exactly 0 even where Δ = ±inf (w = 0 leaves conditional candidates unweighted).
     log_w = torch.where(coef == 0, 0.0, coef * delta) * g.resample_temperature
     # Δ = +inf (p_u underflows) -> bound, always preferred; NaN (both underflow, inf − inf) and −inf ->
     # −bound, never preferred unless the whole pool is so, then uniform. The pool stays finite either way.
     log_w = torch.nan_to_num(log_w, nan=-_LOG_WEIGHT_BOUND).clamp(-_LOG_WEIGHT_BOUND, _LOG_WEIGHT_BOUND)
-    # 3. Resample: categorical over the pool, per batch element.
+    # 3. Resample, per batch element.
     rows, pool_size, d = math.prod(cond.batch_shape), pool.shape[0], cond.dim
-    probs = torch.softmax(log_w.reshape(pool_size, rows).T, dim=-1)  # (rows, P)
-    pick = torch.multinomial(probs, num_draws, replacement=True, generator=generator)  # (rows, num_draws)
+    log_w = log_w.reshape(pool_size, rows).T  # (rows, P)
+    probs = torch.softmax(log_w, dim=-1)
+    if distinct:
+        pick = _distinct_picks(log_w, num_draws, generator)  # (rows, num_draws)
+    else:
+        pick = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
+    if g.stats is not None and num_draws > 1:
+        g.stats.ess.append(effective_sample_size(probs).reshape(cond.batch_shape))
+        distinct_picks = (pick.sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1) + 1
+        g.stats.distinct.append(distinct_picks.reshape(cond.batch_shape))
     candidates = pool.reshape(pool_size, rows, d).transpose(0, 1)  # (rows, P, D)
     drawn = candidates.gather(1, pick.unsqueeze(-1).expand(rows, num_draws, d))
     return drawn.reshape(*cond.batch_shape, num_draws, d)
+
+
+def _distinct_picks(log_w: Tensor, num_draws: int, generator: torch.Generator | None) -> Tensor:
+    """num_draws distinct indices per row of log_w (rows, P), drawn sequentially without replacement with
+    probabilities ∝ e^{log_w} among those left (Gumbel-top-k), in random order: top-k returns them by
+    decreasing key, and the key order must not become a token order."""
+    uniform = torch.rand(log_w.shape, generator=generator, device=log_w.device).clamp_min(torch.finfo().tiny)
+    keys = log_w - (-uniform.log()).log()  # log-weight + Gumbel noise
+    top = keys.topk(num_draws, dim=-1).indices
+    order = torch.rand(top.shape, generator=generator, device=top.device).argsort(dim=-1)
+    return top.gather(-1, order)
 
 
 def resampling_cfg_sample(
@@ -163,10 +249,12 @@ def resampling_cfg_sample_shared(
     g: ResamplingGuidance,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Resampling CFG for the shared redundant mixture (spec §6 step 3): one pool per image (batch (B,)),
-    then an index resampled for each of the num_tokens tokens -> (B, num_tokens, D).
+    """Resampling CFG for the shared redundant mixture (Algorithm 1, step 3): one pool per image (batch
+    (B,)), then an index resampled for each of the num_tokens tokens -> (B, num_tokens, D).
 
     Pool per branch: g.redundant_pool candidates, or s_c·num_tokens and s_u·num_tokens when it is None.
+    ``g.redundant_draw`` says whether tokens may share a candidate; ``g.stats``, if set, records the pool's
+    effective sample size and the number of distinct candidates drawn.
     """
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
@@ -175,7 +263,13 @@ def resampling_cfg_sample_shared(
     else:
         num_cond = g.redundant_pool if g.cond_candidates > 0 else 0
         num_uncond = g.redundant_pool if g.uncond_candidates > 0 else 0
-    return _resample(cond, uncond, num_cond, num_uncond, num_tokens, g, generator)
+    distinct = g.redundant_draw == "without_replacement"
+    if distinct and num_cond + num_uncond < num_tokens:
+        raise ValueError(
+            f"drawing {num_tokens} distinct redundant vectors needs a pool of at least as many "
+            f"candidates, got {num_cond + num_uncond}"
+        )
+    return _resample(cond, uncond, num_cond, num_uncond, num_tokens, g, generator, distinct)
 
 
 def naive_cfg_sample(
@@ -188,8 +282,7 @@ def naive_cfg_sample(
     _check_pair(cond, uncond)
     if cond.num_components != uncond.num_components:
         raise ValueError(
-            f"naive CFG pairs components by index: cond has K={cond.num_components}, "
-            f"uncond K={uncond.num_components}"
+            f"naive CFG pairs components by index: cond has K={cond.num_components}, uncond K={uncond.num_components}"
         )
     batch, rows, d = cond.batch_shape, math.prod(cond.batch_shape), cond.dim
     if rows == 0:
@@ -203,14 +296,13 @@ def naive_cfg_sample(
         return t.gather(-2, index).squeeze(-2)  # (*batch, D)
 
     mu_c, mu_u = component(cond.means), component(uncond.means)
-    prec_c, prec_u = component(cond.scales).pow(-2), component(uncond.scales).pow(-2)
-    w = g.scale
-    precision = (1 + w) * prec_c - w * prec_u
-    proper = precision > torch.finfo(precision.dtype).eps * prec_c
-    safe = torch.where(proper, precision, prec_c)
-    mean = torch.where(proper, ((1 + w) * mu_c * prec_c - w * mu_u * prec_u) / safe, mu_c)
+    sd_c, prec_u = component(cond.scales), component(uncond.scales).pow(-2)
+    prec_c, w = sd_c.pow(-2), g.scale
+    precision = torch.maximum((1 + w) * prec_c - w * prec_u, g.min_precision_ratio * prec_c)
+    limit = g.max_mean_shift * sd_c
+    mean = mu_c + (w * prec_u * (mu_c - mu_u) / precision).clamp(-limit, limit)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + safe.rsqrt() * eps
+    return mean + precision.rsqrt() * eps
 
 
 def guided_sample(
@@ -225,3 +317,40 @@ def guided_sample(
     if isinstance(guidance, NaiveGuidance):
         return naive_cfg_sample(cond, uncond, guidance, generator)
     raise TypeError(f"guidance must be ResamplingGuidance or NaiveGuidance, got {type(guidance).__name__}")
+
+
+# Command-line options --------------------------------------------------------------------------------------
+# Fields that are not sampler knobs: the scale has its own flag (--guidance), stats is a recorder.
+_NOT_OPTIONS = ("scale", "stats")
+
+
+def guidance_options(kind: type[ResamplingGuidance] | type[NaiveGuidance], pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> keyword arguments of ``kind``, each value converted to its field's type
+    (float, int, ``int | None`` with ``none``, or one of a Literal's choices). Range checks are the
+    dataclass's own, when it is built."""
+    hints = get_type_hints(kind)
+    knobs = {f.name: hints[f.name] for f in fields(kind) if f.name not in _NOT_OPTIONS}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"--cfg-option takes KEY=VALUE, got {pair!r}")
+        if key not in knobs:
+            raise ValueError(f"unknown {kind.__name__} option {key!r}; known: {', '.join(knobs)}")
+        options[key] = _convert(key, knobs[key], text.strip())
+    return options
+
+
+def _convert(key: str, hint: Any, text: str) -> Any:
+    if get_origin(hint) is Literal:
+        if text not in get_args(hint):
+            raise ValueError(f"option {key} must be one of {', '.join(get_args(hint))}, got {text!r}")
+        return text
+    kinds = [t for t in (get_args(hint) or (hint,)) if t is not type(None)]
+    if len(kinds) < len(get_args(hint)) and text.lower() == "none":
+        return None
+    try:
+        return kinds[0](text)
+    except ValueError:
+        raise ValueError(f"option {key} expects {kinds[0].__name__}, got {text!r}") from None

@@ -1,4 +1,4 @@
-"""Diagonal Gaussian mixtures: the per-token densities of the AR prior (spec §4).
+"""Diagonal Gaussian mixtures: the per-token densities of the AR prior (docs/method.md §4).
 
     p(z | h) = Σ_k π_k(h) N(z; μ_k(h), diag σ_k(h)²),    π = softmax(logits)
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 LOG_2PI = math.log(2 * math.pi)
 # Upper bound on the (…, K, D) intermediate of one log_prob chunk: a large candidate pool (guidance of the
-# shared redundant mixture, spec §6) would otherwise materialise pool × batch × K × D floats at once.
+# shared redundant mixture, docs/method.md §6) would otherwise materialise pool × batch × K × D floats at once.
 _LOG_PROB_CHUNK_ELEMENTS = 1 << 25
 
 
@@ -166,7 +166,7 @@ class DiagonalMixture:
 
     def expand_tokens(self, num_tokens: int) -> DiagonalMixture:
         """(*batch) -> (*batch, num_tokens): one mixture shared by num_tokens tokens (a view, no copy), e.g.
-        the shared redundant mixture of spec §3 laid out like the per-token ones."""
+        the shared redundant mixture of docs/method.md §3 laid out like the per-token ones."""
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         nb = len(self.batch_shape)
@@ -179,7 +179,7 @@ class DiagonalMixture:
 
 
 class MixtureHead(nn.Module):
-    """Linear head from a hidden state to a K-component mixture over ``dim`` channels (spec §4).
+    """Linear head from a hidden state to a K-component mixture over ``dim`` channels (docs/method.md §4).
 
     One Linear(width, K·(2·dim + 1)) whose output is laid out [K logits | K·dim means | K·dim raw scales];
     scale = min_scale + softplus(raw).
@@ -197,7 +197,7 @@ class MixtureHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Zero weight, so the initial mixture is the same for every input (spec §4: zero-initialised head).
+        """Zero weight, so the initial mixture is the same for every input (docs/method.md §4: zero-initialised head).
 
         Bias: logits 0 (equal weights); raw scales at softplus⁻¹(1 − min_scale) so every initial std is
         exactly 1; means drawn N(0, 1). The means must differ: with a zero weight, components with identical
@@ -216,7 +216,7 @@ class MixtureHead(nn.Module):
         if h.ndim < 1 or h.shape[-1] != self.width:
             raise ValueError(f"h must be (*batch, {self.width}), got shape {tuple(h.shape)}")
         # fp32 even under autocast: bf16 would quantise the means to ~3 significant digits, coarser than the
-        # small scales the mixtures learn; the head is one small matmul (spec §4: density math in fp32).
+        # small scales the mixtures learn; the head is one small matmul (docs/method.md §4).
         with torch.autocast(device_type=h.device.type, enabled=False):
             out = F.linear(h.float(), self.proj.weight.float(), self.proj.bias.float())
         k, d = self.components, self.dim

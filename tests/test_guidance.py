@@ -1,4 +1,4 @@
-"""Classifier-free guidance for mixture priors (spec §6): resampling CFG (Algorithm 1) and naive CFG."""
+"""Classifier-free guidance for mixture priors (docs/method.md §6): resampling CFG (Algorithm 1) and naive CFG."""
 
 from __future__ import annotations
 
@@ -13,12 +13,19 @@ from scipy import stats
 from farmer.guidance import (
     NaiveGuidance,
     ResamplingGuidance,
+    SharedPoolStats,
+    _distinct_picks,
+    effective_sample_size,
+    guidance_options,
     guided_sample,
     naive_cfg_sample,
     resampling_cfg_sample,
     resampling_cfg_sample_shared,
 )
 from farmer.mixture import DiagonalMixture
+
+# (temperature_convention, std_convention, redundant_draw) of ResamplingGuidance(), chosen by measurement.
+DEFAULT_READINGS = ("divide", "std", "with_replacement")
 
 
 def make_mixture(logits, means, scales) -> DiagonalMixture:
@@ -295,8 +302,9 @@ def test_naive_picks_the_component_by_conditional_weights() -> None:
     check_gaussian_draws(x[x < 0, None], torch.tensor([-50.0]).double(), torch.tensor([1 / 1.75]).double())
 
 
-def test_naive_improper_product_falls_back_to_conditional() -> None:
-    # σ_u = 0.5 < σ_c = 1 with w = 1: precision 2 − 4 < 0 in channel 0, proper (σ_u = 2) in channel 1.
+def test_naive_improper_product_is_bounded() -> None:
+    # σ_u = 0.5 < σ_c = 1 with w = 1: precision 2 − 4 < 0 in channel 0, floored at σ_c^-2/4 (std 2), and the
+    # shift w σ_u^-2 (μ_c − μ_u)/λ = 16 clamped to 3σ_c; channel 1 (σ_u = 2) is the exact product.
     n = 50_000
     cond = DiagonalMixture(torch.zeros(n, 1), torch.tensor([1.0, 1.0]).expand(n, 1, 2), torch.ones(n, 1, 2))
     uncond = DiagonalMixture(
@@ -304,7 +312,39 @@ def test_naive_improper_product_falls_back_to_conditional() -> None:
     )
     x = naive_cfg_sample(cond, uncond, NaiveGuidance(1.0), gen(13))
     mean1, var1 = gaussian_product(1.0, 1.0, 0.0, 2.0, 1.0)
-    check_gaussian_draws(x, torch.tensor([1.0, mean1]).double(), torch.tensor([1.0, var1]).double())
+    check_gaussian_draws(x, torch.tensor([4.0, mean1]).double(), torch.tensor([4.0, var1]).double())
+
+
+def naive_boundary_draws(sd_u: torch.Tensor, seed: int, draws: int = 400) -> torch.Tensor:
+    """(len(sd_u), draws): σ_c = 1, μ_c = 0, μ_u = 0.5, w = 2.5, the same noise for every σ_u. The product's
+    precision 3.5 − 2.5/σ_u² crosses 0 at σ_u = √(5/7) ≈ 0.845."""
+    rows = [
+        naive_cfg_sample(
+            DiagonalMixture(torch.zeros(draws, 1), torch.zeros(draws, 1, 1), torch.ones(draws, 1, 1)),
+            DiagonalMixture(torch.zeros(draws, 1), torch.full((draws, 1, 1), 0.5), s.expand(draws, 1, 1)),
+            NaiveGuidance(2.5),
+            gen(seed),
+        )[:, 0]
+        for s in sd_u
+    ]
+    return torch.stack(rows)
+
+
+def test_naive_is_bounded_at_and_across_the_improper_boundary() -> None:
+    # Unbounded, σ_u = 0.846 gives mean −250 and std 12, and σ_u = 0.80 has no Gaussian at all.
+    sd_u = torch.cat([torch.linspace(0.78, 0.95, 341), torch.tensor([0.80, 0.846])])
+    x = naive_boundary_draws(sd_u, seed=20)
+    # Within the bounds: |mean − μ_c| <= 3σ_c, std <= 2σ_c (the 400 draws of N(0, 1) stay within 4.5).
+    assert x.abs().max() <= 3.0 + 2.0 * 4.5
+    # Both sides of the boundary are drawn near μ_c: mean μ_c − 3σ_c (clamped shift), std 2σ_c (floor).
+    for row in x[-2:]:
+        assert abs(row.mean().item() + 3.0) < 5 * 2 / math.sqrt(len(row)) and abs(row.std().item() - 2.0) < 0.3
+    # Continuous in σ_u: with the noise held fixed, a step of 5e-4 in σ_u moves no draw by more than 0.05.
+    assert (x[:341].diff(dim=0).abs() < 0.05).all()
+    # Far from the boundary the product is exact: σ_u = 0.95 -> precision 0.730, mean −1.90 (no bound hit).
+    mean, var = gaussian_product(0.0, 1.0, 0.5, 0.95, 2.5)
+    far = naive_boundary_draws(torch.tensor([0.95]), seed=21, draws=50_000)[0, :, None]
+    check_gaussian_draws(far, torch.tensor([mean]).double(), torch.tensor([var]).double())
 
 
 def test_naive_without_guidance_is_the_conditional_sample() -> None:
@@ -322,6 +362,143 @@ def test_defaults_are_the_paper_settings() -> None:
     assert (g.scale, g.proposal_weight_temperature, g.proposal_std_scale) == (2.5, 1.0, 0.9)
     assert (g.cond_candidates, g.uncond_candidates) == (5, 5)
     assert (g.eval_weight_temperature, g.eval_std_scale, g.resample_temperature) == (0.2, 0.9, 1.1)
+    # The readings measured best on the shipped model (docs/guidance.md).
+    assert (g.temperature_convention, g.std_convention, g.redundant_draw) == DEFAULT_READINGS
+
+
+# Conventions and command-line options ----------------------------------------------------------------------
+def test_weight_and_std_temperature_conventions() -> None:
+    mix = make_mixture([0.0, math.log(4.0)], [[0.0], [1.0]], [[2.0], [1.0]])
+    for convention, std, ratio, scales in (
+        ("divide", "std", 4.0**5, [1.8, 0.9]),  # logits / 0.2: the heavier component 4^5 times the other
+        ("multiply", "variance", 4.0**0.2, [2 * math.sqrt(0.9), math.sqrt(0.9)]),  # logits × 0.2: flatter
+    ):
+        g = ResamplingGuidance(temperature_convention=convention, std_convention=std)
+        tempered = g.temper(mix, 0.2, 0.9)
+        probs = torch.softmax(tempered.logits, -1)
+        assert (probs[1] / probs[0]).item() == pytest.approx(ratio, rel=1e-5)
+        torch.testing.assert_close(tempered.scales[:, 0], torch.tensor(scales))
+        torch.testing.assert_close(tempered.means, mix.means)
+
+
+@pytest.mark.parametrize(("std_convention", "variance"), [("std", 0.25**2), ("variance", 0.25)])
+def test_proposals_are_tempered_by_the_std_convention(std_convention: str, variance: float) -> None:
+    # w = 0 and conditional candidates only: every log-weight is 0, so the draws are the proposals themselves.
+    n = 20_000
+    cond, uncond = single_gaussians(n)
+    g = dataclasses.replace(unit_guidance(0.0, 3, 0), proposal_std_scale=0.25, std_convention=std_convention)
+    draws = resampling_cfg_sample(cond, uncond, g, gen(16))
+    check_gaussian_draws(draws, MU_C.double(), SD_C.double().square() * variance)
+
+
+def test_guidance_options_are_typed_by_the_dataclass_fields() -> None:
+    options = guidance_options(
+        ResamplingGuidance,
+        ["eval_weight_temperature=0.5", "cond-candidates=3", "redundant_pool=none", "std_convention=variance"],
+    )
+    assert options == dict(
+        eval_weight_temperature=0.5, cond_candidates=3, redundant_pool=None, std_convention="variance"
+    )
+    assert isinstance(options["eval_weight_temperature"], float)
+    assert guidance_options(ResamplingGuidance, ["redundant_pool=64"]) == dict(redundant_pool=64)
+    assert guidance_options(NaiveGuidance, ["max_mean_shift=2"]) == dict(max_mean_shift=2.0)
+    for pairs, message in (
+        (["bogus=1"], "unknown ResamplingGuidance option 'bogus'"),
+        (["scale=2"], "unknown ResamplingGuidance option 'scale'"),  # --guidance sets the scale
+        (["stats=1"], "unknown"),
+        (["cond_candidates=2.5"], "cond_candidates"),
+        (["eval_std_scale=hot"], "eval_std_scale"),
+        (["temperature_convention=square"], "divide, multiply"),
+        (["resample_temperature"], "KEY=VALUE"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            guidance_options(ResamplingGuidance, pairs)
+    with pytest.raises(ValueError, match="unknown NaiveGuidance option 'cond_candidates'"):
+        guidance_options(NaiveGuidance, ["cond_candidates=3"])
+
+
+def test_cli_rejects_a_bad_guidance_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from farmer.cli import main
+
+    assert main(["sample", "--n", "1", "--guidance", "2.5", "--cfg-option", "eval_std_scale=-1"]) == 2
+    assert "eval_std_scale must be a finite number > 0" in capsys.readouterr().err
+    assert main(["sample", "--n", "1", "--cfg-option", "eval_std_scale=0.5"]) == 2
+    assert "--cfg-option needs guidance" in capsys.readouterr().err
+
+
+# Diversity of the shared redundant pool ---------------------------------------------------------------------
+def test_effective_sample_size() -> None:
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    torch.testing.assert_close(effective_sample_size(probs), torch.tensor([4.0, 1.0, 2.0]))
+
+
+def issue_case(seed: int) -> tuple[DiagonalMixture, DiagonalMixture]:
+    """K = 16, D = 640, unconditional means shifted by 0.05: a pool whose weights concentrate on a few."""
+    g = gen(seed)
+    cond = DiagonalMixture(torch.zeros(2, 16), torch.randn(2, 16, 640, generator=g), torch.ones(2, 16, 640))
+    return cond, DiagonalMixture(cond.logits, cond.means + 0.05, cond.scales)
+
+
+def test_shared_pool_with_replacement_repeats_candidates_and_records_them() -> None:
+    pool_stats, tokens = SharedPoolStats(), 256
+    cond, uncond = issue_case(17)
+    g = ResamplingGuidance(redundant_draw="with_replacement", stats=pool_stats)
+    out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18))
+    (ess,), (distinct,) = pool_stats.ess, pool_stats.distinct
+    assert ess.shape == distinct.shape == (2,)
+    for image, n_distinct, n_eff in zip(out, distinct, ess, strict=True):
+        assert len(torch.unique(image, dim=0)) == n_distinct < tokens / 4  # few candidates, many repeats
+        assert 1 <= n_eff < tokens / 4
+    # Recording changes nothing about the draws.
+    torch.testing.assert_close(
+        out, resampling_cfg_sample_shared(cond, uncond, tokens, dataclasses.replace(g, stats=None), gen(18))
+    )
+
+
+def test_shared_pool_with_replacement_resamples_by_the_importance_weights() -> None:
+    # One image, 5 conditional candidates (w = 1, unit temperatures): each token is candidate j with
+    # probability softmax(w Δ)_j, Δ = log p_c − log p_u at the candidate.
+    tokens = 20_000
+    cond = make_mixture([[0.0]], [[[0.0, 0.0]]], [[[1.0, 1.0]]])
+    uncond = make_mixture([[0.0]], [[[0.5, -0.5]]], [[[1.5, 1.5]]])
+    g = unit_guidance(1.0, 1, 0, redundant_pool=5)
+    out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(19))[0]
+    pool, counts = torch.unique(out, dim=0, return_counts=True)
+    assert len(pool) == 5
+    expected = torch.softmax(cond[0].log_prob(pool) - uncond[0].log_prob(pool), dim=0).double() * tokens
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < stats.chi2.ppf(0.999, 4)
+
+
+def test_shared_pool_without_replacement_draws_distinct_candidates() -> None:
+    tokens, pool_stats = 256, SharedPoolStats()
+    cond, uncond = issue_case(17)
+    g = ResamplingGuidance(redundant_draw="without_replacement", stats=pool_stats)
+    out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18))
+    assert out.shape == (2, tokens, 640)
+    for image in out:
+        assert len(torch.unique(image, dim=0)) == tokens
+    assert (pool_stats.distinct[0] == tokens).all()
+    with pytest.raises(ValueError, match="distinct"):  # a pool of 2 + 2 cannot give 256 distinct vectors
+        resampling_cfg_sample_shared(cond, uncond, tokens, dataclasses.replace(g, redundant_pool=2))
+
+
+def test_distinct_picks_follow_sequential_sampling_without_replacement() -> None:
+    rows, p = 40_000, torch.tensor([0.6, 0.3, 0.1])
+    log_w = p.log().expand(rows, 3)
+    # One draw: the categorical itself.
+    first = torch.bincount(_distinct_picks(log_w, 1, gen(22))[:, 0], minlength=3).double() / rows
+    assert (first - p).abs().max() < 5 * math.sqrt(0.25 / rows)
+    # Two draws: candidate i is left out with probability Σ_{j≠i} p_j p_k / (1 − p_j), {i, j, k} = {0, 1, 2}.
+    picks = _distinct_picks(log_w, 2, gen(23))
+    assert (picks[:, 0] != picks[:, 1]).all()
+    left_out = 3 - picks.sum(dim=1)
+    observed = torch.bincount(left_out, minlength=3).double() / rows
+    expected = [sum(p[j] * p[3 - i - j] / (1 - p[j]) for j in range(3) if j != i).item() for i in range(3)]
+    assert (observed - torch.tensor(expected).double()).abs().max() < 5 * math.sqrt(0.25 / rows)
+    # Positions are in random order, not by decreasing key: the heaviest candidate is first only about
+    # as often as second.
+    assert abs((picks[:, 0] == 0).double().mean() - (picks[:, 1] == 0).double().mean()) < 0.02
 
 
 def test_guided_sample_dispatches() -> None:

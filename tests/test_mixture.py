@@ -1,4 +1,4 @@
-"""Diagonal Gaussian mixtures and the mixture head (spec §4)."""
+"""Diagonal Gaussian mixtures and the mixture head (docs/method.md §4)."""
 
 from __future__ import annotations
 
