@@ -8,15 +8,21 @@ A run directory holds versioned checkpoints and a pointer to the newest one::
 
 A step directory is first written under a temporary name, flushed, then renamed into place, and only
 then does LATEST move: a crash at any moment leaves the previous checkpoint intact and loadable. Nothing
-is ever unpickled.
+is ever unpickled, and no tensor with a NaN or Inf is ever written or loaded: a diverged run cannot
+overwrite (or rotate away) its last good checkpoint. A trainer holds ``.lock`` (``fcntl.flock``, holding
+its pid) for as long as it writes the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from farmer.config import FarmerConfig
+from farmer.config import FarmerConfig, check_dict
 from farmer.model import Farmer
 
 FORMAT_VERSION = 1
@@ -35,6 +41,7 @@ MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
+LOCK = ".lock"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,6 +64,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def first_nonfinite(state: dict[str, Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or Inf, or None."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
+def _disk_full(err: BaseException) -> bool:
+    # safetensors reports I/O errors as SafetensorError("... IoError(Os { code: 28, kind: StorageFull ...")
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (
+        isinstance(err, SafetensorError) and ("StorageFull" in str(err) or "No space left" in str(err)))
+
+
+def _latest_name(run_dir: Path) -> str | None:
+    latest = run_dir / LATEST
+    return (latest.read_text().strip() or None) if latest.is_file() else None
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -98,17 +121,22 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], weig
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
+    files = {MODEL_WEIGHTS: _contiguous(weights)}
+    if ema_weights is not None:
+        files[EMA_WEIGHTS] = _contiguous(ema_weights)
+    if optimizer is not None:
+        files[OPTIMIZER], meta = flatten_optimizer_state(optimizer)
+        trainer = {**(trainer or {}), "optimizer": meta}
+    for file, tensors in files.items():
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise ValueError(f"refusing to save step {step}: tensor {bad!r} of {file} has NaN or Inf values")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
     try:
         with open(tmp / CONFIG, "w") as f:
             json.dump({"format": FORMAT_VERSION, "step": step, **config}, f, indent=2, sort_keys=True)
-        save_file(_contiguous(weights), str(tmp / MODEL_WEIGHTS))
-        if ema_weights is not None:
-            save_file(_contiguous(ema_weights), str(tmp / EMA_WEIGHTS))
-        if optimizer is not None:
-            tensors, meta = flatten_optimizer_state(optimizer)
-            save_file(tensors, str(tmp / OPTIMIZER))
-            trainer = {**(trainer or {}), "optimizer": meta}
+        for file, tensors in files.items():
+            save_file(tensors, str(tmp / file))
         if trainer is not None:
             with open(tmp / TRAINER, "w") as f:
                 json.dump(trainer, f)
@@ -120,8 +148,12 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], weig
         if final.exists():  # re-saving the same step (e.g. after a resume) replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(err):
+            intact = _latest_name(run_dir)
+            raise RuntimeError(f"no space left on device while saving step {step} in {run_dir}; "
+                               + (f"{intact} is intact" if intact else "no earlier checkpoint exists")) from err
         raise
     (run_dir / f".{LATEST}.tmp").write_text(name + "\n")
     os.replace(run_dir / f".{LATEST}.tmp", run_dir / LATEST)
@@ -133,6 +165,44 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], weig
     return final
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what a save killed midway leaves behind (``.step-*`` directories, ``.LATEST.tmp``); only a
+    holder of the run directory's lock may call this, or it would delete another trainer's save."""
+    stale = [*run_dir.glob(".step-*"), *run_dir.glob(f".{LATEST}.tmp")]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def lock_run_directory(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory (created if needed) and clean its stale temporaries.
+
+    ``flock`` is released by the kernel when the process dies, even by ``kill -9``, so a crashed run never
+    leaves a lock behind; the file only names the last holder's pid for the error message.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} is a file")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RuntimeError(f"{run_dir} is in use by another trainer (pid {holder}); wait for it to end or "
+                               "use another --out") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        remove_stale_temporaries(run_dir)
+        yield
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step directory, or a run directory whose LATEST names one."""
     path = Path(path)
@@ -142,7 +212,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = path / LATEST
     if latest.is_file():
-        step_dir = path / latest.read_text().strip()
+        name = latest.read_text().strip()
+        if not name:
+            steps = sorted(p.name for p in path.glob("step-*") if (p / CONFIG).is_file())
+            raise ValueError(f"{latest} is empty; write the name of a checkpoint into it ("
+                             + (f"available: {', '.join(steps)}" if steps else "none is available") + ")")
+        step_dir = path / name
         if not (step_dir / CONFIG).is_file():
             raise FileNotFoundError(f"{latest} points to {step_dir.name}, which has no {CONFIG}")
         return step_dir
@@ -159,6 +234,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{step_dir / CONFIG} is not a farmer checkpoint config (a JSON {type(data).__name__})")
     if data.get("format") != FORMAT_VERSION or "model" not in data:
         raise ValueError(f"{step_dir / CONFIG} is not a farmer checkpoint config (format {data.get('format')!r})")
+    try:
+        FarmerConfig.from_dict(check_dict(data["model"], "'model'"))
+        check_dict(data.get("train", {}), "'train'")
+    except ValueError as err:
+        raise ValueError(f"{step_dir / CONFIG}: {err}") from None
     return data
 
 
@@ -166,9 +246,13 @@ def load_weights(file: Path) -> dict[str, Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"missing weights file: {file}")
     try:
-        return load_file(str(file))
+        state = load_file(str(file))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"corrupt weights file {file}: {err}") from None
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(f"corrupt weights file {file}: tensor {bad!r} has NaN or Inf values")
+    return state
 
 
 def load_state_into(module: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:

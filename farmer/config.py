@@ -6,8 +6,14 @@ weights' directory alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import math
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,24 +24,116 @@ PATCH_TRANSFORMS = ("none", "dct")
 REDUNDANT_MIXTURES = ("shared", "per_token")
 DEQUANTIZATIONS = ("gaussian", "uniform")
 
+_TRUE_WORDS = ("true", "yes", "1")
+_FALSE_WORDS = ("false", "no", "0")
+_NONE_WORDS = ("none", "null")
+
+
+# Typed fields, shared by FarmerConfig and farmer.train.TrainConfig ---------------------------------------
+@functools.cache
+def field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
+    """{field: (type, whether None is allowed)} of a dataclass, from its annotations (``int | None`` etc.)."""
+    hints = typing.get_type_hints(cls)
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        concrete = [t for t in members if t is not type(None)]
+        kinds[f.name] = (concrete[0], len(concrete) < len(members))
+    return kinds
+
+
+def _describe(kind: type, optional: bool) -> str:
+    text = {bool: "true or false (also yes/no, 1/0)", int: "an integer", float: "a finite number",
+            str: "a string"}.get(kind, kind.__name__)
+    return text + (" or none" if optional else "")
+
+
+def field_type_errors(instance: Any) -> list[str]:
+    """Fields whose value does not have the annotated type (bool is no int, floats must be finite).
+
+    Integers given for float fields (JSON writes 4.0 as 4 by hand) become floats in place, which is why
+    this runs in ``__post_init__`` of a frozen dataclass.
+    """
+    errors = []
+    for name, (kind, optional) in field_kinds(type(instance)).items():
+        value = getattr(instance, name)
+        if value is None and optional:
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            object.__setattr__(instance, name, value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            expected = kind.__name__ + (" or None" if optional else "")
+            errors.append(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+        elif kind is float and not math.isfinite(value):
+            errors.append(f"{name} must be finite, got {value!r}")
+    return errors
+
+
+def parse_field_value(cls: type, key: str, text: str) -> Any:
+    """A command-line string typed by the dataclass field ``key``; ValueError names the field."""
+    kinds = field_kinds(cls)
+    if key not in kinds:
+        raise ValueError(f"unknown {cls.__name__} field {key!r}; fields: {', '.join(kinds)}")
+    kind, optional = kinds[key]
+    word = text.strip().lower()
+    if optional and word in _NONE_WORDS:
+        return None
+    value: Any = None
+    if kind is bool:
+        value = True if word in _TRUE_WORDS else False if word in _FALSE_WORDS else None
+    elif kind in (int, float):
+        with contextlib.suppress(ValueError):
+            value = kind(text)
+        if kind is float and value is not None and not math.isfinite(value):
+            value = None
+    else:
+        value = text
+    if value is None:
+        raise ValueError(f"{cls.__name__} field {key!r} must be {_describe(kind, optional)}, got {text!r}")
+    return value
+
+
+def parse_assignments(cls: type, pairs: Iterable[str], flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``-`` in keys read as ``_``) -> {field: typed value} for dataclass ``cls``."""
+    result = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        key = key.strip().replace("-", "_")
+        try:
+            result[key] = parse_field_value(cls, key, text)
+        except ValueError as err:
+            raise ValueError(f"{flag} {pair}: {err}") from None
+    return result
+
+
+def check_dict(data: Any, what: str) -> dict[str, Any]:
+    """``data`` itself if it is a dict (a JSON object); else a ValueError naming ``what``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be an object/dict, got {type(data).__name__} {data!r:.60}")
+    return data
+
 
 @dataclass(frozen=True)
 class FarmerConfig:
-    # Data (spec §1): images C×H×W in [-1, 1], cut into p×p patches -> N tokens of d = C·p² channels.
+    # Data (docs/method.md §1): images C×H×W in [-1, 1], cut into p×p patches -> N tokens of d = C·p² channels.
     image_size: int = 28
     channels: int = 1
     patch_size: int = 4
     num_classes: int = 0  # 0 = unconditional
-    # Fixed orthonormal map of every token right after patchify (docs/method.md, "channel transforms"):
+    # Fixed orthonormal map of every token right after patchify (docs/method.md §10):
     # "dct" = 2-D DCT-II of each patch per colour channel, lowest frequencies first, so the first d_I
     # channels hold a patch's coarse structure; "none" = raw (row, col, C) pixels, as in the paper.
     patch_transform: str = "none"
-    # Dequantisation used for training (spec §1); bits/dim is always evaluated with uniform noise.
+    # Dequantisation used for training (docs/method.md §1); bits/dim is always evaluated with uniform noise.
     dequantization: str = "gaussian"
     noise_std_start: float = 0.1
     noise_std_end: float = 0.005
 
-    # Autoregressive flow (spec §2).
+    # Autoregressive flow (docs/method.md §2).
     flow_blocks: int = 2
     flow_layers: int = 1
     flow_width: int = 64
@@ -45,7 +143,7 @@ class FarmerConfig:
     # block: the AF itself never mixes channels within a token.
     channel_mixing: bool = False
 
-    # AR prior (spec §3–4). prior="normal" replaces it by a standard normal: a plain TARFlow-style flow.
+    # AR prior (docs/method.md §3–4). prior="normal" replaces it by a standard normal: a plain TARFlow-style flow.
     prior: str = "ar"
     prior_layers: int = 1
     prior_width: int = 64
@@ -64,21 +162,22 @@ class FarmerConfig:
     head_dim: int = 64
     mlp_ratio: int = 4
 
-    # Stored with the model: whether a distilled one-step inverse (spec §7) is attached.
+    # Stored with the model: whether a distilled one-step inverse (docs/method.md §7) is attached.
     distilled_inverse: bool = False
 
     # Free-form provenance (preset name, notes); not used by the model.
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        errors = []
+        errors = field_type_errors(self)
+        if errors:  # the checks below assume the types
+            raise ValueError("invalid FarmerConfig: " + "; ".join(errors))
         for key in ("image_size", "channels", "patch_size", "flow_blocks", "flow_layers", "flow_width",
                     "prior_layers", "prior_width", "informative_components", "redundant_components",
                     "condition_repeat", "head_dim", "mlp_ratio"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                errors.append(f"{key} must be a positive integer, got {value!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            if getattr(self, key) < 1:
+                errors.append(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.num_classes < 0:
             errors.append(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
         if not errors and self.image_size % self.patch_size:
             errors.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
@@ -116,7 +215,7 @@ class FarmerConfig:
 
     @property
     def num_dims(self) -> int:
-        """Data dimensions per image, N·d = C·H·W (the loss divides by it, spec §5)."""
+        """Data dimensions per image, N·d = C·H·W (the loss divides by it, docs/method.md §5)."""
         return self.num_tokens * self.token_dim
 
     @property
@@ -128,7 +227,7 @@ class FarmerConfig:
 
     @property
     def redundant_dim(self) -> int:
-        """d_R = d − d_I: the channels modelled by the one shared GMM (spec §3)."""
+        """d_R = d − d_I: the channels modelled by the one shared GMM (docs/method.md §3)."""
         return self.token_dim - self.informative_dim
 
     @property
@@ -141,6 +240,7 @@ class FarmerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FarmerConfig:
+        check_dict(data, "a FarmerConfig")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -175,7 +275,7 @@ class FarmerConfig:
         return cls(**PRESETS[name], name=name)
 
 
-# The paper's ImageNet-256 settings (spec §3, §8): d_I=128 of d=768 at p=16, K_I=64, K_R=200, M=64.
+# The paper's ImageNet-256 settings (docs/method.md §3, §8): d_I=128 of d=768 at p=16, K_I=64, K_R=200, M=64.
 # For p=8 (d=192) the paper does not say how the channels split; we keep its ratio d_I/d = 1/6, so
 # d_I = 32 of 192 (and d_I = 2 of 12 for the p=2 ImageNet-64 model).
 _IMAGENET256 = dict(image_size=256, channels=3, num_classes=1000, informative_components=64,

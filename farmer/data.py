@@ -1,4 +1,4 @@
-"""Datasets (MNIST, Fashion-MNIST, scikit-learn digits, image folders) and dequantization (spec §1, §5).
+"""Datasets (MNIST, Fashion-MNIST, scikit-learn digits, image folders) and dequantization (docs/method.md §1, §5).
 
 Pixels stay uint8 (C, H, W) until the model needs them; the 8-bit value k occupies the bin
 [k/128 - 1, (k+1)/128 - 1) of [-1, 1] (bin width 2/256 = 1/128).
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "digits")
 
@@ -79,6 +79,10 @@ _IDX_FILES: dict[str, dict[str, str]] = {
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
 _DIGITS_TRAIN_COUNT = 1500
+
+# An image folder without train/val subfolders is split by a fixed-seed shuffle: this share is held out.
+DEFAULT_VAL_FRACTION = 0.1
+_HOLDOUT_SEED = 0
 
 # IDX type byte -> big-endian numpy dtype (the IDX format stores multi-byte values big-endian).
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -365,16 +369,12 @@ def _folder_split_dir(path: Path, split: str) -> Path:
         raise FileNotFoundError(f"image folder not found: {path}")
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory (expected an image folder with one subfolder per class)")
-    split_dirs = {s for s in ("train", "val", "test") if (path / s).is_dir()}
-    if not split_dirs:
-        if split != "train":
-            raise ValueError(
-                f"{path} has no train/val subfolders, so it only provides split 'train', not {split!r}"
-            )
-        return path
     aliases = {"train": ("train",), "val": ("val", "test"), "test": ("test", "val")}
     if split not in aliases:
         raise ValueError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
+    split_dirs = {s for s in ("train", "val", "test") if (path / s).is_dir()}
+    if not split_dirs:  # a flat folder: make_dataset holds out its own test share
+        return path
     for candidate in aliases[split]:
         if candidate in split_dirs:
             return path / candidate
@@ -453,7 +453,23 @@ def _folder_path(name_or_path: str) -> Path:
         raise FileNotFoundError(
             f"unknown dataset {name_or_path!r}: not one of {', '.join(DATASET_NAMES)} and no such folder"
         )
+    if not path.is_dir():
+        raise ValueError(f"data {name_or_path!r} is a file; expected one of {', '.join(DATASET_NAMES)} or an "
+                         "image folder (one subfolder per class)")
     return path
+
+
+def _holdout_split(dataset: ImageFolderDataset, split: str, val_fraction: float) -> Subset:
+    """A flat folder's ``split``: a fixed-seed shuffle holds out ceil(val_fraction·n) images as val/test."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"{dataset.directory} has no train/val subfolders, so a val_fraction in (0, 1) holds "
+                         f"out its test images; got {val_fraction}")
+    count = len(dataset)
+    held = math.ceil(count * val_fraction)
+    if held >= count:
+        raise ValueError(f"{dataset.directory} has {count} images, too few to hold out {val_fraction:.0%}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(_HOLDOUT_SEED)).tolist()
+    return Subset(dataset, sorted(order[held:] if split == "train" else order[:held]))
 
 
 def dataset_info(name_or_path: str, image_size: int | None = None) -> DatasetInfo:
@@ -472,20 +488,26 @@ def dataset_info(name_or_path: str, image_size: int | None = None) -> DatasetInf
 
 
 def make_dataset(
-    name_or_path: str, split: str = "train", root: Path | str | None = None, image_size: int | None = None
+    name_or_path: str, split: str = "train", root: Path | str | None = None, image_size: int | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> Dataset:
-    """A dataset of (uint8 tensor (C, H, W), int label): an in-memory named set or a lazy image folder."""
+    """A dataset of (uint8 tensor (C, H, W), int label): an in-memory named set or a lazy image folder.
+
+    ``val_fraction`` is the share held out as val/test of an image folder without split subfolders.
+    """
     if name_or_path in DATASET_NAMES:
         _check_named_size(name_or_path, image_size)
         return ArrayDataset(*load_arrays(name_or_path, split, root))
     path = _folder_path(name_or_path)
     if image_size is None:
         raise ValueError(f"image folder {path} needs an explicit image_size")
-    return ImageFolderDataset(_folder_split_dir(path, split), image_size)
+    directory = _folder_split_dir(path, split)
+    dataset = ImageFolderDataset(directory, image_size)
+    return _holdout_split(dataset, split, val_fraction) if directory == path else dataset
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pixels <-> model space, dequantization (spec §1)
+# Pixels <-> model space, dequantization (docs/method.md §1)
 # ---------------------------------------------------------------------------------------------------
 
 # Largest uniform offset used: below 1 by 2^-16, so k - 128 + u (needing at most 8 + 16 significant bits)
@@ -523,7 +545,7 @@ DEQUANTIZE_MODES = ("uniform", "gaussian", "none")
 def dequantize(
     pixels: Tensor, mode: str, noise_std: float = 0.0, generator: torch.Generator | None = None
 ) -> Tensor:
-    """uint8 pixels -> float32 model input (spec §1).
+    """uint8 pixels -> float32 model input (docs/method.md §1).
 
     ``uniform``: (k + U[0,1))/128 - 1, the TARFlow protocol under which bits/dim bounds the discrete data.
     ``gaussian``: bin centre + ``noise_std`` * N(0, 1) (generation models). ``none``: bin centre.
@@ -545,7 +567,8 @@ def dequantize(
 
 
 def gaussian_noise_std(step: int, total_steps: int, start: float = 0.1, end: float = 0.005) -> float:
-    """Cosine-annealed Gaussian dequantization std: ``start`` at step 0, ``end`` from total_steps on (§1)."""
+    """Cosine-annealed Gaussian dequantization std (docs/method.md §1): ``start`` at step 0, ``end`` from
+    total_steps on."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     if step < 0:

@@ -1,4 +1,4 @@
-"""Farmer: pixels <-> patch tokens <-> flow latents <-> AR prior, with the exact log-likelihood (spec §1, §5).
+"""Farmer: pixels <-> patch tokens <-> flow latents <-> AR prior, with the exact log-likelihood (docs/method.md §1, §5).
 
     −log p(x) = −Σ_i log p(z_i^I | z_{<i}^I, c) − Σ_i log p(z_i^R | Z^I, c) − Σ_t log|det ∂Z^t/∂Z^{t−1}|
     loss      = −log p(x) / (N·d)      (nats per dimension, averaged over the batch)
@@ -25,7 +25,7 @@ class Farmer(nn.Module):
         self.config = config
         self.flow = AutoregressiveFlow(config)
         self.prior = ARPrior(config) if config.prior == "ar" else StandardNormalPrior(config)
-        # The one-step student of spec §7 lives with the model so one checkpoint samples either way.
+        # The one-step student of docs/method.md §7 lives with the model so one checkpoint samples either way.
         self.student = DistilledInverse(config) if config.distilled_inverse else None
         # Fixed orthonormal patch transform (log-det 0); a function of the config, so not saved with weights.
         basis = dct_basis(config.patch_size, config.channels) if config.patch_transform == "dct" else None
@@ -71,16 +71,20 @@ class Farmer(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"images must be floating point in [-1, 1], got dtype {x.dtype} "
                             "(convert uint8 pixels with farmer.data.pixels_to_model)")
-        if check_range:
+        # Value checks sync with the device, so only the public entry points make them; training feeds
+        # dequantize()'s output, bounded by construction (its Gaussian noise may leave [-1, 1] on purpose).
+        if check_range and x.numel():
             if not torch.isfinite(x).all():
                 raise ValueError("images contain NaN or Inf")
-            # Gaussian dequantisation noise (σ up to 0.1) pushes pixels past [-1, 1]; beyond ±2 (10σ) the
-            # data is in the wrong units (e.g. 0..255).
-            if x.min() < -2 or x.max() > 2:
-                raise ValueError(f"images must lie in [-1, 1], got values in [{x.min():.3g}, {x.max():.3g}]")
+            # The likelihood is of data in [-1, 1]; the tolerance only absorbs rounding in a caller's scaling.
+            tolerance = 1e-3
+            if x.min() < -1 - tolerance or x.max() > 1 + tolerance:
+                raise ValueError(f"images must lie in [-1, 1] (uint8 k -> (k + u)/128 - 1), got values in "
+                                 f"[{x.min():.3g}, {x.max():.3g}]")
 
-    def check_labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        """Labels (B,) as long; None means the null class (unconditional)."""
+    def check_labels(self, y: Tensor | None, batch: int, device: torch.device, check_values: bool = True) -> Tensor:
+        """Labels (B,) as long; None means the null class (unconditional). ``check_values=False`` skips the
+        range check, which syncs with the device."""
         cfg = self.config
         if y is None:
             return torch.full((batch,), cfg.num_classes, dtype=torch.long, device=device)
@@ -91,7 +95,7 @@ class Farmer(nn.Module):
             raise TypeError(f"labels must be integers, got dtype {y.dtype}")
         if y.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(y.shape)}")
-        if batch and (y.min() < 0 or y.max() >= cfg.num_classes):
+        if check_values and batch and (y.min() < 0 or y.max() >= cfg.num_classes):
             raise ValueError(f"labels must be in [0, {cfg.num_classes - 1}], got [{y.min()}, {y.max()}]")
         return y.long()
 
@@ -99,31 +103,38 @@ class Farmer(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Images -> (Z^I (B, N, d_I), Z^R (B, N, d_R), flow log-det (B,)) in the prior's token order."""
         z, logdet = self.flow(self.patchify(x))
-        if self.config.final_permute:  # spec §1.4: reverse the token order between AF and AR
+        if self.config.final_permute:  # docs/method.md §1 step 4: reverse the token order
             z = z.flip(1)
         d_i = self.config.informative_dim
         return z[..., :d_i], z[..., d_i:], logdet
 
     def decode(self, informative: Tensor, redundant: Tensor,
-               inverse: Literal["exact", "distilled"] = "exact") -> Tensor:
+               inverse: Literal["exact", "jacobi", "distilled"] = "exact") -> Tensor:
         """(Z^I, Z^R) -> images: concatenate, undo the final permute, invert the flow, unpatchify."""
         z = torch.cat([informative, redundant], dim=-1)
         if self.config.final_permute:
             z = z.flip(1)
         if inverse == "exact":
             tokens = self.flow.inverse(z)
+        elif inverse == "jacobi":
+            tokens, _ = self.flow.jacobi_inverse(z)
         elif inverse == "distilled":
             if self.student is None:
                 raise ValueError("this model has no distilled inverse; train one with `farmer distill`")
             tokens = self.student(z)
         else:
-            raise ValueError(f"inverse must be 'exact' or 'distilled', got {inverse!r}")
+            raise ValueError(f"inverse must be 'exact', 'jacobi' or 'distilled', got {inverse!r}")
         return self.unpatchify(tokens)
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """log p(x | y) per image (B,), in nats, of images x in [-1, 1]; y=None is the null class."""
+        """log p(x | y) per image (B,), in nats, of images x in [-1, 1] (any float dtype, cast to the model's);
+        y=None is the null class. An empty batch gives an empty result."""
         self.check_images(x)
-        return self._log_prob(x, self.check_labels(y, x.shape[0], x.device))
+        labels = self.check_labels(y, x.shape[0], x.device)
+        x = x.to(next(self.parameters()).dtype)
+        if not x.shape[0]:
+            return x.new_empty(0)
+        return self._log_prob(x, labels)
 
     def _log_prob(self, x: Tensor, labels: Tensor) -> Tensor:
         informative, redundant, logdet = self.encode(x)
@@ -131,10 +142,13 @@ class Farmer(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(loss in nats per dimension, per-image NLL in nats (B,)). In training mode labels are dropped to
-        the null class with probability ``label_dropout`` so the same model is also unconditional (spec §4)."""
+        the null class with probability ``label_dropout`` so one model is also unconditional (docs/method.md §4)."""
         cfg = self.config
-        self.check_images(x)
-        labels = self.check_labels(y, x.shape[0], x.device)
+        # The training hot path: shape and dtype checks only (no device sync); log_prob checks values.
+        self.check_images(x, check_range=False)
+        if not x.shape[0]:
+            raise ValueError("images is an empty batch; the loss needs at least one image")
+        labels = self.check_labels(y, x.shape[0], x.device, check_values=False)
         if self.training and cfg.conditional and cfg.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < cfg.label_dropout
             labels = labels.masked_fill(drop, cfg.num_classes)
@@ -145,10 +159,13 @@ class Farmer(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None, *,
                guidance: Guidance | None = None, variance_scale: float = 1.0, temperature: float = 1.0,
-               inverse: Literal["exact", "distilled"] = "exact",
+               inverse: Literal["exact", "jacobi", "distilled"] = "exact",
                progress: Callable[[int], None] | None = None) -> Tensor:
         """n images (n, C, H, W) in [-1, 1]: AR over Z^I (optionally guided), Z^R from the shared mixture,
-        then the flow inverse (exact, or the distilled student)."""
+        then the flow inverse (exact and sequential, Jacobi-iterated, or the distilled student)."""
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"sample(n, ...): n is the number of images, an int, got {type(n).__name__} {n!r} "
+                            "(a guidance scale goes in guidance=ResamplingGuidance(scale=...))")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if variance_scale <= 0 or temperature <= 0:

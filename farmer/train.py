@@ -28,20 +28,25 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from farmer.checkpoint import (
+    CONFIG,
     EMA_WEIGHTS,
+    LATEST,
     MODEL_WEIGHTS,
     OPTIMIZER,
     TRAINER,
+    first_nonfinite,
     load_model,
     load_state_into,
     load_weights,
+    lock_run_directory,
     read_config,
     resolve_checkpoint,
     save_checkpoint,
     unflatten_optimizer_state,
 )
-from farmer.config import FarmerConfig
+from farmer.config import FarmerConfig, check_dict, field_type_errors
 from farmer.data import (
+    DEFAULT_VAL_FRACTION,
     dataset_info,
     dequantize,
     gaussian_noise_std,
@@ -62,7 +67,7 @@ class TrainConfig:
     steps: int = 10_000
     batch_size: int = 64  # global: over all ranks and accumulation micro-steps
     grad_accum: int = 1
-    # Paper (spec §8): AdamW β=(0.9, 0.95), wd 0.03, lr 1e-4 cosine to 1e-6 after 5,000 warm-up steps.
+    # Paper (docs/method.md §8): AdamW β=(0.9, 0.95), wd 0.03, lr 1e-4 cosine to 1e-6 after 5,000 warm-up steps.
     lr: float = 1e-4
     min_lr: float = 1e-6
     warmup_steps: int = 5_000
@@ -75,12 +80,14 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU; or "fp32", "bf16"
     compile: bool = False
     sharding: str = "ddp"  # under torchrun with several processes: "ddp" or "fsdp"
-    # "likelihood": train the model by maximum likelihood (spec §5). "distill": train only the one-step
-    # student of the flow inverse from the frozen checkpoint ``teacher`` (spec §7, Algorithm 2).
+    # "likelihood": train the model by maximum likelihood (docs/method.md §5). "distill": train only the one-step
+    # student of the flow inverse from the frozen checkpoint ``teacher`` (docs/method.md §7, Algorithm 2).
     objective: str = "likelihood"
     teacher: str | None = None
     teacher_weights: str = "ema"  # which of the teacher checkpoint's weights to distil: "ema" or "raw"
     num_workers: int = 0
+    # Share of an image folder without train/val subfolders held out (fixed seed) for test bits/dim.
+    val_fraction: float = DEFAULT_VAL_FRACTION
     log_every: int = 10
     eval_every: int = 500  # test bits/dim (uniform dequantisation, EMA weights)
     eval_images: int = 2_000
@@ -89,11 +96,22 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        errors = []
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "sample_every",
+        errors = field_type_errors(self)
+        if errors:  # the checks below assume the types
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_images", "sample_every",
                     "save_every"):
             if getattr(self, key) < 1:
                 errors.append(f"{key} must be >= 1")
+        for key in ("warmup_steps", "num_workers", "keep_checkpoints", "min_lr", "weight_decay"):
+            if getattr(self, key) < 0:
+                errors.append(f"{key} must be >= 0")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            errors.append("lr and grad_clip must be > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            errors.append("beta1 and beta2 must be in [0, 1)")
+        if not 0 < self.val_fraction < 1:
+            errors.append("val_fraction must be in (0, 1)")
         if self.precision not in ("auto", "fp32", "bf16"):
             errors.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.sharding not in ("ddp", "fsdp"):
@@ -114,6 +132,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        check_dict(data, "a TrainConfig")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
@@ -286,6 +305,16 @@ def _set_rng_state(state: dict[str, list[int]], generator: torch.Generator) -> N
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+def stored_configs(run_dir: str | Path) -> tuple[FarmerConfig, TrainConfig]:
+    """The model and training configs of a run's newest checkpoint; errors name its config.json."""
+    step_dir = resolve_checkpoint(run_dir)
+    stored = read_config(step_dir)
+    try:
+        return FarmerConfig.from_dict(stored["model"]), TrainConfig.from_dict(stored.get("train", {}))
+    except ValueError as err:
+        raise ValueError(f"{step_dir / CONFIG}: {err}") from None
+
+
 def _check_resume_config(run_dir: Path, model_config: FarmerConfig) -> None:
     stored = FarmerConfig.from_dict(read_config(run_dir)["model"])
     if stored != model_config:
@@ -300,8 +329,17 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if number == len(lines):  # a kill mid-write tears only the last line: drop it
+                        continue
+                    raise ValueError(f"{path}: line {number} is not JSON; fix or delete that line") from None
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, **record: Any) -> None:
@@ -310,15 +348,29 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or Inf; nothing after the last finite checkpoint was saved."""
+
+
 def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, device: str | None = None,
           progress: bool = True, log: Callable[[str], None] = print, stop_at: int | None = None) -> dict[str, Any]:
     """Train (or resume, if ``out_dir`` holds a checkpoint) and return the last logged metrics.
 
     ``stop_at`` ends this invocation after that step (saving a checkpoint there) without changing the
     schedule, which stays defined by ``cfg.steps``: for time-boxed jobs that resume later.
+
+    The main process holds the run directory's lock throughout (a second trainer fails at once). A NaN or
+    Inf loss (or weights) raises TrainingDiverged at the next logging, evaluation or save step, before
+    anything is evaluated or saved, so the last checkpoint stays the last finite one. The run stops rather
+    than skipping bad steps: deciding to skip needs the loss on the host every step, a device sync.
     """
     rt = init_runtime(device)
-    out = Path(out_dir)
+    with lock_run_directory(out_dir) if rt.main else contextlib.nullcontext():
+        return _train(rt, model_config, cfg, Path(out_dir), progress, log, stop_at)
+
+
+def _train(rt: Runtime, model_config: FarmerConfig, cfg: TrainConfig, out: Path, progress: bool,
+           log: Callable[[str], None], stop_at: int | None) -> dict[str, Any]:
     info = dataset_info(cfg.data, model_config.image_size)
     if (info.channels, info.image_size) != (model_config.channels, model_config.image_size):
         raise ValueError(f"data {cfg.data!r} has {info.channels}×{info.image_size}² images but the model expects "
@@ -326,8 +378,8 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
     if model_config.conditional and info.num_classes != model_config.num_classes:
         raise ValueError(f"data {cfg.data!r} has {info.num_classes} classes but the model has "
                          f"{model_config.num_classes}")
-    train_set = make_dataset(cfg.data, "train", cfg.data_root, model_config.image_size)
-    eval_set = make_dataset(cfg.data, "test", cfg.data_root, model_config.image_size)
+    train_set = make_dataset(cfg.data, "train", cfg.data_root, model_config.image_size, cfg.val_fraction)
+    eval_set = make_dataset(cfg.data, "test", cfg.data_root, model_config.image_size, cfg.val_fraction)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = Farmer(model_config).to(rt.device)
@@ -384,8 +436,22 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
         log(f"model {model_config.name}: {n_params / 1e6:.2f}M parameters, {rt.world} process(es) on "
             f"{rt.device}, {len(train_set)} training images")
 
+    def stop_if_diverged(step: int, *states: dict[str, Tensor]) -> None:
+        # Called only where the loop syncs with the device anyway (logging, evaluation, saving). A NaN
+        # gradient norm can poison the weights while the loss is still finite: saves also check the weights.
+        if rt.world > 1:
+            dist.all_reduce(first_nonfinite_step, op=dist.ReduceOp.MAX)
+        bad = int(first_nonfinite_step) or next((step for state in states if first_nonfinite(state)), 0)
+        if bad:
+            kept = (out / LATEST).read_text().strip() if (out / LATEST).is_file() else None
+            raise TrainingDiverged(
+                f"training diverged by step {bad}: the loss or the weights became NaN or Inf. Stopped without "
+                "saving: " + (f"{out / kept} holds the last finite weights" if kept else "no checkpoint exists")
+                + "; lower --lr (or --train-set grad_clip=...) and run again to resume from it")
+
     def save(step: int) -> None:
         weights, ema_weights = full_state(model, rt, cfg), full_state(ema, rt, cfg)
+        stop_if_diverged(step, weights, ema_weights)
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -403,6 +469,7 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
                             {"step": step, "rng": rngs}, keep=cfg.keep_checkpoints)
 
     def evaluate(step: int) -> dict[str, Any]:
+        stop_if_diverged(step)
         record: dict[str, Any] = {"step": step}
         judged = ema
         if sharded:
@@ -430,6 +497,7 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
     micro = cfg.batch_size // (rt.world * cfg.grad_accum)
     last: dict[str, Any] = {}
     tick, tick_step = time.perf_counter(), start_step
+    first_nonfinite_step = torch.zeros((), dtype=torch.long, device=rt.device)  # 0: none so far
     for step in range(start_step, cfg.steps):
         model.train()
         lr = learning_rate(step, cfg)
@@ -447,6 +515,9 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
                 loss, _ = forward(x, y)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
+        # Recorded on the device, without a sync; stop_if_diverged() reads it.
+        first_nonfinite_step = torch.where((first_nonfinite_step == 0) & ~torch.isfinite(loss_sum), step + 1,
+                                           first_nonfinite_step)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -458,6 +529,7 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
+            stop_if_diverged(done)
             if rt.world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             now = time.perf_counter()
@@ -465,10 +537,15 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
             tick, tick_step = now, done
             nats = loss_sum.item()
             last = {"step": done, "loss": nats, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate}
-            if not distilling:  # the likelihood loss is nats/dim: also show it in bits/dim
-                last.update(bpd=nats / math.log(2) + 7, noise_std=noise_std)
+            if not distilling:
+                # The loss in bits/dim of 8-bit pixels (+7 = log2 of the 128 pixel bins per unit of [-1, 1]).
+                # Not "bpd": under Gaussian dequantisation it is no bound on the discrete data's bits/dim; the
+                # bound is test_bpd, with uniform noise.
+                last["train_bits"] = nats / math.log(2) + 7
+                if model_config.dequantization == "gaussian":
+                    last["noise_std"] = noise_std
             bar.set_postfix(loss=f"{nats:.4f}", img_s=f"{rate:.0f}", **({} if distilling else
-                                                                        {"bpd": f"{last['bpd']:.3f}"}))
+                                                                        {"train_bits": f"{last['train_bits']:.3f}"}))
             metrics_log.write(time=time.time(), **last)
         if done % cfg.eval_every == 0 or done % cfg.sample_every == 0 or done == cfg.steps:
             record = evaluate(done)

@@ -13,20 +13,7 @@ import json
 import torch
 
 from farmer.ablation import VARIANTS, AblationConfig, results_table, run_ablation
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """KEY=VALUE pairs with JSON values (numbers, true/false, null), e.g. flow_width=64."""
-    overrides: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.replace("-", "_")] = value
-    return overrides
+from farmer.config import FarmerConfig, parse_assignments
 
 
 def main() -> None:
@@ -41,7 +28,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model config override applied to every variant, e.g. flow_width=64",
+        help="model config override applied to every variant, typed by the field, e.g. flow_width=64",
     )
     for flag, kind in (
         ("--steps", int),
@@ -56,6 +43,8 @@ def main() -> None:
         ("--guidance-scale", float),
     ):
         parser.add_argument(flag, type=kind, default=None)
+    parser.add_argument("--guided-metrics", action="store_true", default=None,
+                        help="also score resampling-CFG samples of every variant")
     parser.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None)
@@ -69,7 +58,10 @@ def main() -> None:
         if value is not None and key in AblationConfig.__dataclass_fields__
     }
     if args.set:
-        options["model_overrides"] = parse_overrides(args.set)
+        try:
+            options["model_overrides"] = parse_assignments(FarmerConfig, args.set, "--set")
+        except ValueError as err:
+            parser.error(str(err))
     if args.variants:
         options["variants"] = tuple(v.strip() for v in args.variants.split(","))
     cfg = AblationConfig.smoke(**options) if args.smoke else AblationConfig(**options)

@@ -1,4 +1,4 @@
-"""The analyses of spec §9 (farmer.analysis) and the ablation runner (farmer.ablation)."""
+"""The analyses of docs/method.md §9 (farmer.analysis) and the ablation runner (farmer.ablation)."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import random_model, small_config
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import farmer.checkpoint as ckpt
@@ -304,3 +306,92 @@ def test_optimizer_state_keeps_scalars_and_parameter_names() -> None:
     assert restored["state"]["flow.blocks.0.pos"]["step"] == 3
     assert torch.equal(restored["state"]["flow.blocks.0.pos"]["exp_avg"], torch.ones(2))
     assert restored["state"][4] == {"momentum": 0.5}
+
+
+# Reliability (issue #12) --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda data: data.update(model="tiny"), r"config\.json: 'model' must be an object/dict"),
+    (lambda data: data["model"].update(final_permute="False"), "final_permute must be bool"),
+    (lambda data: data["model"].update(log_scale_bound=float("nan")), "log_scale_bound must be finite"),
+    (lambda data: data["model"].update(informative_channels="2"), "informative_channels must be int or None"),
+    (lambda data: data.update(train=[1]), r"config\.json: 'train' must be an object/dict"),
+])
+def test_edited_config_json_is_type_checked_and_names_the_file(tmp_path: Path, edit, message: str) -> None:
+    step_dir = _save(tmp_path, 1, seed=1)
+    data = json.loads((step_dir / CONFIG).read_text())
+    edit(data)
+    (step_dir / CONFIG).write_text(json.dumps(data))  # json writes NaN as NaN, which it also reads
+    with pytest.raises(ValueError, match=message) as info:
+        load_model(tmp_path)
+    assert str(step_dir / CONFIG) in str(info.value)
+
+
+@pytest.mark.parametrize("which", ["weights", "ema", "optimizer"])
+def test_non_finite_tensors_are_never_saved(tmp_path: Path, which: str) -> None:
+    _save(tmp_path, 1, seed=1)
+    weights, ema, optimizer = _weights(2), _weights(3), {"state": {0: {"exp_avg": torch.ones(3)}},
+                                                         "param_groups": [{"params": [0]}]}
+    poisoned = {"weights": weights, "ema": ema, "optimizer": optimizer["state"][0]}[which]
+    key = next(iter(poisoned))
+    poisoned[key] = torch.full_like(poisoned[key], float("nan"))
+    with pytest.raises(ValueError, match=f"refusing to save step 2: tensor '.*{key.split('.')[-1]}'"):
+        save_checkpoint(tmp_path, 2, {"model": CONFIG_TINY.to_dict()}, weights, ema, optimizer, keep=1)
+    assert (tmp_path / LATEST).read_text().strip() == "step-00000001"  # nothing rotated away
+    assert _visible_entries(tmp_path) == {LATEST, "step-00000001"}
+
+
+def test_non_finite_weights_on_load_name_the_tensor(tmp_path: Path) -> None:
+    step_dir = _save(tmp_path, 1, seed=1)
+    state = load_file(step_dir / EMA_WEIGHTS)
+    name = sorted(state)[3]
+    state[name].view(-1)[0] = float("nan")  # a bit flip
+    save_file(state, step_dir / EMA_WEIGHTS)
+    with pytest.raises(ValueError, match=f"{EMA_WEIGHTS}: tensor '{name}' has NaN or Inf"):
+        load_model(tmp_path)
+    assert load_model(tmp_path, ema=False) is not None  # the raw weights are intact
+
+
+def test_empty_latest_lists_the_available_steps(tmp_path: Path) -> None:
+    _save(tmp_path, 1, seed=1)
+    _save(tmp_path, 2, seed=2)
+    (tmp_path / LATEST).write_text("\n")
+    with pytest.raises(ValueError, match=r"LATEST is empty.*available: step-00000001, step-00000002"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                    'on device" })'),
+])
+def test_full_disk_while_saving_says_which_step_is_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           error: Exception) -> None:
+    _save(tmp_path, 1, seed=1)
+
+    def full(tensors: dict, path: str) -> None:
+        raise error
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(RuntimeError, match=r"no space left on device while saving step 2 .*step-00000001 is intact"):
+        _save(tmp_path, 2, seed=2)
+    assert _visible_entries(tmp_path) == {LATEST, "step-00000001"}  # no temporary left behind
+    monkeypatch.undo()
+    _assert_same_weights(load_model(tmp_path), _weights(101))
+
+
+def test_run_directory_lock_is_exclusive_and_cleans_stale_saves(tmp_path: Path) -> None:
+    _save(tmp_path, 1, seed=1)
+    (tmp_path / ".step-00000002.k1ll3d").mkdir()  # what a kill during a save leaves
+    (tmp_path / ".step-00000002.k1ll3d" / MODEL_WEIGHTS).write_bytes(b"half")
+    (tmp_path / f".{LATEST}.tmp").write_text("step-00000002")
+    with ckpt.lock_run_directory(tmp_path):
+        assert _visible_entries(tmp_path) == {LATEST, "step-00000001", ckpt.LOCK}
+        assert (tmp_path / ckpt.LOCK).read_text().strip() == str(os.getpid())
+        with pytest.raises(RuntimeError, match=f"in use by another trainer \\(pid {os.getpid()}\\)"), \
+                ckpt.lock_run_directory(tmp_path):
+            pass
+    with ckpt.lock_run_directory(tmp_path):  # released on exit
+        pass
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"), ckpt.lock_run_directory(tmp_path / "file"):
+        pass

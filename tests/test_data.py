@@ -17,6 +17,7 @@ from farmer import data
 from farmer.data import (
     DATASET_NAMES,
     DatasetInfo,
+    ImageFolderDataset,
     dataset_info,
     default_data_root,
     dequantize,
@@ -234,7 +235,7 @@ def test_image_folder_crop_resize_and_labels(tmp_path: Path) -> None:
     _save(tmp_path / "ants" / "gray.png", np.full((10, 14), 77, dtype=np.uint8))  # grayscale -> RGB
     (tmp_path / "ants" / "notes.txt").write_text("not an image")
 
-    ds = make_dataset(str(tmp_path), image_size=8)
+    ds = ImageFolderDataset(tmp_path, image_size=8)
     assert ds.classes == ["ants", "cats"]
     assert len(ds) == 3
     items = {path.name: ds[i] for i, (path, _) in enumerate(ds.samples)}
@@ -279,11 +280,29 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     (empty / "cls" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="image_size"):
         make_dataset(str(empty))
-    with pytest.raises(ValueError, match="only provides split 'train'"):
+    with pytest.raises(ValueError, match="has 1 images, too few to hold out"):
         make_dataset(str(empty), "val", image_size=8)
-    ds = make_dataset(str(empty), image_size=8)
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
-        ds[0]
+        ImageFolderDataset(empty, image_size=8)[0]
+    with pytest.raises(ValueError, match="is a file; expected one of mnist"):
+        dataset_info(str(empty / "cls" / "broken.png"), image_size=8)
+
+
+def test_flat_image_folder_holds_out_a_fixed_share_for_test(tmp_path: Path) -> None:
+    for i in range(20):
+        _save(tmp_path / ("odd" if i % 2 else "even") / f"{i:02d}.png", np.full((6, 6, 3), i, dtype=np.uint8))
+
+    def values(dataset: torch.utils.data.Dataset) -> set[int]:
+        return {int(dataset[i][0][0, 0, 0]) for i in range(len(dataset))}
+
+    train, test = (make_dataset(str(tmp_path), split, image_size=4) for split in ("train", "test"))
+    assert (len(train), len(test)) == (18, 2)  # default val_fraction 0.1
+    assert values(train) | values(test) == set(range(20)) and not values(train) & values(test)
+    assert values(make_dataset(str(tmp_path), "val", image_size=4)) == values(test)  # fixed seed: same share
+    assert len(make_dataset(str(tmp_path), "test", image_size=4, val_fraction=0.25)) == 5
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"val_fraction in \(0, 1\)"):
+            make_dataset(str(tmp_path), "train", image_size=4, val_fraction=fraction)
 
 
 # --- pixels <-> model space, dequantization -----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Sampling is finite by construction (spec §6): extreme knobs on untrained and trained models."""
+"""Sampling is finite by construction (docs/method.md §6): extreme knobs on untrained and trained models."""
 
 import pytest
 import torch

@@ -356,3 +356,18 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr() -> No
     assert lrs[110] == pytest.approx(1e-5)  # min_lr at the end
     assert learning_rate(500, cfg) == pytest.approx(1e-5)  # and after it
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+
+
+@pytest.mark.parametrize("dequantization", ["gaussian", "uniform"])
+def test_training_log_names_the_loss_bits_apart_from_the_test_bound(tmp_path: Path, dequantization: str) -> None:
+    # The training loss in bits is no bits/dim bound under Gaussian noise: it is logged as train_bits, and
+    # only the uniform-dequantised test evaluation is test_bpd. The noise level exists only for Gaussian noise.
+    model_config = TINY.replace(dequantization=dequantization)
+    run(model_config, tiny_train(steps=2, eval_every=2, sample_every=100, save_every=100), tmp_path)
+    records = metric_records(tmp_path)
+    train_records = [r for r in records if "loss" in r]
+    assert len(train_records) == 2 and not any("bpd" in r for r in records)
+    for r in train_records:
+        assert r["train_bits"] == pytest.approx(r["loss"] / math.log(2) + 7)
+        assert ("noise_std" in r) == (dequantization == "gaussian")
+    assert [r["step"] for r in records if "test_bpd" in r] == [2]

@@ -1,0 +1,334 @@
+"""What the demo page asks of a model, without HTTP: validated requests, sampling with progress, scoring
+by exact likelihood. The server (``farmer.demo.server``) only routes bytes to these methods.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from farmer.checkpoint import load_model, read_config
+from farmer.cli import parse_classes
+from farmer.data import dequantize, make_dataset, model_to_pixels
+from farmer.demo.card import available_inverses, model_card
+from farmer.guidance import NaiveGuidance, ResamplingGuidance
+from farmer.images import make_grid
+from farmer.metrics import bits_per_dim
+from farmer.model import Farmer
+
+CFG_METHODS = ("resampling", "naive", "none")
+SAMPLE_FIELDS = ("classes", "count", "guidance", "cfg", "variance_scale", "temperature", "inverse", "seed")
+KEPT_RESULTS = 8  # finished grids kept for download; older ones are dropped
+
+
+class ApiError(Exception):
+    """A request the demo refuses, with the HTTP status and a message for the page."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may cost: the page runs on the user's CPU, one job at a time."""
+
+    max_images: int = 100
+    max_upload_bytes: int = 4 * 2**20
+    max_upload_pixels: int = 4096 * 4096
+    max_json_bytes: int = 64 * 2**10
+    max_guidance: float = 20.0
+    max_scale: float = 10.0  # s and T
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One grid: ``count`` images per class in ``classes`` (CLI syntax, e.g. "0-9"; "" = the null class,
+    then ``count`` is the total)."""
+
+    classes: str
+    count: int = 4
+    guidance: float = 2.5
+    cfg: str = "resampling"
+    variance_scale: float = 1.0
+    temperature: float = 1.0
+    inverse: str = "exact"
+    seed: int = 0
+
+
+def _number(data: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ApiError(400, f"{name} must be a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{name} must be in [{lo:g}, {hi:g}], got {value:g}")
+    return float(value)
+
+
+def _integer(data: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _choice(data: dict[str, Any], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = data.get(name, default)
+    if value not in choices:
+        raise ApiError(400, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def parse_sample_request(data: Any, model: Farmer, limits: Limits) -> tuple[SampleRequest, list[int]]:
+    """A JSON object from the page -> (request, class list), or ApiError(400) naming the bad field."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(data) - set(SAMPLE_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(SAMPLE_FIELDS)}")
+    cfg = model.config
+    text = data.get("classes", f"0-{cfg.num_classes - 1}" if cfg.conditional else "")
+    if not isinstance(text, str):
+        raise ApiError(400, f"classes must be a string like 0-9, got {text!r}")
+    if text.strip() and not cfg.conditional:
+        raise ApiError(400, "this model is unconditional: leave classes empty")
+    try:
+        classes = parse_classes(text, cfg.num_classes) if text.strip() else []
+    except ValueError as err:
+        raise ApiError(400, str(err).replace("--classes", "classes")) from None
+    request = SampleRequest(
+        classes=text,
+        count=_integer(data, "count", SampleRequest.count, 1, limits.max_images),
+        guidance=_number(data, "guidance", SampleRequest.guidance, 0.0, limits.max_guidance),
+        cfg=_choice(data, "cfg", SampleRequest.cfg, CFG_METHODS),
+        variance_scale=_number(data, "variance_scale", SampleRequest.variance_scale, 1e-3, limits.max_scale),
+        temperature=_number(data, "temperature", SampleRequest.temperature, 1e-3, limits.max_scale),
+        inverse=_choice(data, "inverse", SampleRequest.inverse, available_inverses(model)),
+        seed=_integer(data, "seed", SampleRequest.seed, 0, 2**63 - 1),
+    )
+    total = request.count * max(1, len(classes))
+    if total > limits.max_images:
+        raise ApiError(400, f"{total} images requested ({len(classes)} classes × {request.count}); "
+                            f"the limit is {limits.max_images}")
+    if request.cfg != "none" and not classes:
+        raise ApiError(400, "guidance needs at least one class; pick classes or set cfg to none")
+    return request, classes
+
+
+def _guidance(request: SampleRequest) -> ResamplingGuidance | NaiveGuidance | None:
+    if request.cfg == "naive":
+        return NaiveGuidance(scale=request.guidance)
+    if request.cfg == "resampling":
+        return ResamplingGuidance(scale=request.guidance)
+    return None
+
+
+def grid_scale(image_size: int) -> int:
+    """Small images are upscaled (nearest) so that a downloaded grid is legible: 8 px -> 4×, 28 px -> 2×."""
+    return max(1, min(4, 56 // image_size))
+
+
+def png_bytes(array: np.ndarray, scale: int = 1) -> bytes:
+    """uint8 (H, W, C) with C = 1 or 3 -> PNG."""
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npz_bytes(pixels: Tensor, labels: Tensor | None) -> bytes:
+    """The layout of ``farmer sample --npz``: uint8 NHWC under ``arr_0``, class labels under ``labels``."""
+    arrays = {"arr_0": pixels.permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@dataclass
+class Progress:
+    """The running job as the page's progress bar sees it; written by the job's thread only."""
+
+    job: str = ""
+    done: int = 0
+    total: int = 0
+
+
+class DemoApp:
+    """One model, one job at a time (sampling or scoring), the last few grids kept for download."""
+
+    def __init__(self, model: Farmer, checkpoint: Path, limits: Limits | None = None) -> None:
+        self.model = model.eval()
+        self.checkpoint = checkpoint
+        self.limits = limits or Limits()
+        self.card = model_card(model, checkpoint, self.limits)
+        self._busy = threading.Lock()
+        self._progress = Progress()
+        self._results: OrderedDict[int, dict[str, bytes]] = OrderedDict()
+        self._results_lock = threading.Lock()
+        self._next_id = 1
+        self._test_set: Dataset | None = None
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "cpu", limits: Limits | None = None) -> DemoApp:
+        return cls(load_model(checkpoint, map_location=device), Path(checkpoint), limits)
+
+    # One job at a time --------------------------------------------------------------------------------
+    @contextmanager
+    def exclusive(self, job: str, total: int = 0) -> Iterator[Progress]:
+        """Run ``job`` alone, or refuse with 429: queueing would hold a browser request open for minutes."""
+        if not self._busy.acquire(blocking=False):
+            running = self._progress
+            raise ApiError(429, f"busy: {running.job} is running ({running.done}/{running.total}); "
+                                "try again when it finishes")
+        self._progress = Progress(job, 0, total)
+        try:
+            yield self._progress
+        finally:
+            self._progress = Progress()
+            self._busy.release()
+
+    def status(self) -> dict[str, Any]:
+        progress = self._progress
+        return {"busy": self._busy.locked(), "job": progress.job, "done": progress.done, "total": progress.total}
+
+    # Sampling -----------------------------------------------------------------------------------------
+    def sample(self, data: Any) -> dict[str, Any]:
+        """Draw the requested grid; returns its layout and the URLs of its PNG and .npz."""
+        request, classes = parse_sample_request(data, self.model, self.limits)
+        if classes:
+            labels: Tensor | None = torch.tensor(classes).repeat_interleave(request.count)
+            cols = request.count
+        else:
+            labels, cols = None, math.ceil(math.sqrt(request.count))
+        n = request.count * max(1, len(classes))
+        with self.exclusive("sampling", total=self.model.config.num_tokens) as progress:
+
+            def advance(tokens: int) -> None:
+                progress.done += tokens
+
+            start = time.perf_counter()
+            # The generator matches `farmer sample` (one batch), so the same seed gives the same images there.
+            generator = torch.Generator(self.model.device).manual_seed(request.seed)
+            images = self.model.sample(n, None if labels is None else labels.to(self.model.device), generator,
+                                       guidance=_guidance(request), variance_scale=request.variance_scale,
+                                       temperature=request.temperature, inverse=request.inverse,
+                                       progress=advance)
+            seconds = time.perf_counter() - start
+        pixels = model_to_pixels(images).cpu()
+        scale = grid_scale(self.model.config.image_size)
+        grid = make_grid(pixels, nrow=cols)
+        result_id = self._store({"png": png_bytes(grid, scale), "npz": npz_bytes(pixels, labels)})
+        return {"id": result_id, "tiles": n, "rows": math.ceil(n / cols), "cols": cols,
+                "width": grid.shape[1] * scale, "height": grid.shape[0] * scale, "seconds": round(seconds, 3),
+                "png": f"/api/result/{result_id}.png", "npz": f"/api/result/{result_id}.npz",
+                "labels": [] if labels is None else labels.tolist()}
+
+    def _store(self, files: dict[str, bytes]) -> int:
+        with self._results_lock:
+            result_id = self._next_id
+            self._next_id += 1
+            self._results[result_id] = files
+            while len(self._results) > KEPT_RESULTS:
+                self._results.popitem(last=False)
+        return result_id
+
+    def result(self, result_id: int, kind: str) -> bytes:
+        with self._results_lock:
+            files = self._results.get(result_id)
+        if files is None or kind not in files:
+            raise ApiError(404, f"no result {result_id}.{kind}: only the last {KEPT_RESULTS} grids are kept")
+        return files[kind]
+
+    # Scoring ------------------------------------------------------------------------------------------
+    def decode_upload(self, body: bytes, invert: bool) -> Tensor:
+        """Image file bytes -> uint8 (1, C, H, W) at the model's size: centre square crop, bicubic resize
+        (as the image-folder data set does), optionally inverted for dark-on-light drawings."""
+        cfg = self.model.config
+        if not body:
+            raise ApiError(400, "no image in the request body")
+        try:
+            with Image.open(io.BytesIO(body)) as image:
+                w, h = image.size
+                if w * h > self.limits.max_upload_pixels:
+                    raise ApiError(413, f"image is {w}×{h}; the limit is {self.limits.max_upload_pixels} pixels")
+                image = image.convert("L" if cfg.channels == 1 else "RGB")
+                side = min(w, h)
+                left, top = (w - side) // 2, (h - side) // 2
+                image = image.crop((left, top, left + side, top + side))
+                if side != cfg.image_size:
+                    image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
+                array = np.asarray(image, dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, -1)
+        except Image.DecompressionBombError as err:
+            raise ApiError(413, str(err)) from None
+        except OSError:  # not an image, or a truncated one
+            raise ApiError(400, "the upload is not an image file Pillow can read (PNG, JPEG, GIF, BMP, ...)") from None
+        pixels = torch.from_numpy(array.transpose(2, 0, 1).copy())[None]
+        return 255 - pixels if invert else pixels
+
+    def test_image(self, index: int | None) -> tuple[Tensor, int, int]:
+        """(image, label, index) of the test split of the data the checkpoint was trained on; a random
+        image when ``index`` is None."""
+        if self._test_set is None:
+            train = read_config(self.checkpoint).get("train", {})
+            if "data" not in train:
+                raise ApiError(404, "the checkpoint does not record its training data; upload an image instead")
+            try:
+                self._test_set = make_dataset(train["data"], "test", train.get("data_root"),
+                                              self.model.config.image_size)
+            except (FileNotFoundError, ValueError) as err:
+                raise ApiError(404, f"test images unavailable: {err}") from None
+        count = len(self._test_set)
+        index = random.randrange(count) if index is None else index
+        if not 0 <= index < count:
+            raise ApiError(400, f"test_index must be in [0, {count - 1}], got {index}")
+        pixels, label = self._test_set[index]
+        return pixels[None], int(label), index
+
+    @torch.no_grad()
+    def score(self, pixels: Tensor) -> dict[str, Any]:
+        """Bits/dim of one uint8 image (1, C, H, W), unconditional and under every class, and the class
+        posterior p(y | x) ∝ p(x | y) under a uniform class prior: the exact likelihood as a classifier."""
+        cfg = self.model.config
+        # Uniform dequantisation (as for test bits/dim) with a fixed seed: the same image always scores the
+        # same, and every class sees the same noise, so the class comparison is exact.
+        x = dequantize(pixels, "uniform", generator=torch.Generator().manual_seed(0)).to(self.model.device)
+        with self.exclusive("scoring"):
+            unconditional = self.model.log_prob(x)
+            conditional = None
+            if cfg.conditional:
+                classes = torch.arange(cfg.num_classes, device=x.device)
+                conditional = self.model.log_prob(x.expand(cfg.num_classes, -1, -1, -1), classes)
+        result: dict[str, Any] = {
+            "bpd_unconditional": bits_per_dim(-unconditional, cfg.num_dims).item(),
+            "image": "data:image/png;base64," + base64.b64encode(
+                png_bytes(pixels[0].permute(1, 2, 0).numpy())).decode(),
+        }
+        if conditional is not None:
+            bpd = bits_per_dim(-conditional, cfg.num_dims)
+            best = int(conditional.argmax())
+            result.update(bpd_by_class=bpd.tolist(), posterior=torch.softmax(conditional, 0).tolist(),
+                          best_class=best, bpd_conditional=bpd[best].item())
+        return result

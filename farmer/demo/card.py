@@ -1,0 +1,133 @@
+"""The model card the demo page shows: what the model is, how it was trained, and what it measured.
+
+Everything comes from the checkpoint directory: ``config.json`` always, ``metrics.json`` (test bits/dim,
+sample metrics) and ``provenance.json`` (the teacher of a distilled model) when present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args, get_type_hints
+
+from torch import nn
+
+from farmer.checkpoint import read_config, resolve_checkpoint
+from farmer.model import Farmer
+
+if TYPE_CHECKING:
+    from farmer.demo.app import Limits
+
+
+def available_inverses(model: Farmer) -> tuple[str, ...]:
+    """The flow inverses ``Farmer.sample`` accepts (read from its signature, so a new one shows up on the page
+    by itself), less the distilled one when the checkpoint has no student."""
+    names = get_args(get_type_hints(Farmer.sample)["inverse"])
+    return tuple(name for name in names if name != "distilled" or model.student is not None)
+
+
+def _millions(module: nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
+
+
+def _count(value: Any) -> str:
+    """3000 -> '3,000'; anything else (a hand-written config) as it is."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _optional_json(directories: list[Path], name: str) -> dict[str, Any]:
+    """The first readable ``name`` among ``directories``; a missing or broken file just leaves rows out."""
+    for directory in directories:
+        try:
+            data = json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def _training(stored: dict[str, Any], provenance: dict[str, Any]) -> str:
+    train = stored.get("train", {})
+    step, batch = stored.get("step", "?"), train.get("batch_size", "?")
+    if train.get("objective") != "distill":
+        return f"{_count(step)} steps of batch {batch}"
+    teacher = provenance.get("teacher", {})
+    if "step" in teacher:
+        teacher_batch = teacher.get("train", {}).get("batch_size", "?")
+        return f"{_count(teacher['step'])} steps of batch {teacher_batch}; inverse distilled for {step} steps"
+    return f"inverse distilled for {step} steps from {train.get('teacher', 'a teacher')}"
+
+
+def _test_bpd(metrics: dict[str, Any], run_dir: Path) -> str | None:
+    """metrics.json's number, else the last test evaluation in a training run's metrics.jsonl."""
+    if isinstance(metrics.get("test_bits_per_dim"), float | int):
+        return f"{metrics['test_bits_per_dim']:.3f}"
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        last = [r["test_bpd"] for r in map(json.loads, lines) if "test_bpd" in r][-1]
+        return f"{last:.3f} (last evaluation during training)"
+    except (OSError, ValueError, IndexError, TypeError):  # no run log, or not one of ours
+        return None
+
+
+def _metric_row(name: str, entry: dict[str, Any]) -> list[str] | None:
+    images = f" ({entry['num_images']:,.0f} images)" if "num_images" in entry else ""
+    if "classifier_score" in entry:
+        return [name, f"classifier score {entry['classifier_score']:.2f}, Fréchet {entry['frechet_distance']:.1f}, "
+                      f"class accuracy {entry['accuracy']:.1%}{images}"]
+    if "fid" in entry:
+        return [name, f"FID {entry['fid']:.1f}{images}"]
+    if "psnr_db" in entry:
+        return [name, f"distilled vs exact inverse: PSNR {entry['psnr_db']:.1f} dB"]
+    return None
+
+
+def _sample_metrics(metrics: dict[str, Any]) -> list[list[str]]:
+    evaluations = metrics.get("evaluations")
+    rows = []
+    for name, entry in sorted(evaluations.items() if isinstance(evaluations, dict) else []):
+        try:
+            row = _metric_row(name, entry)
+        except (KeyError, TypeError, ValueError):  # a hand-edited or foreign entry: leave it out
+            continue
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def model_card(model: Farmer, checkpoint: Path, limits: Limits) -> dict[str, Any]:
+    """Rows of (label, value) for the page, and the facts its form needs (classes, inverses, limits)."""
+    cfg = model.config
+    step_dir = resolve_checkpoint(checkpoint)
+    stored = read_config(step_dir)
+    places = [checkpoint, step_dir]
+    metrics, provenance = _optional_json(places, "metrics.json"), _optional_json(places, "provenance.json")
+    parts = [f"flow {_millions(model.flow)}", f"AR prior {_millions(model.prior)}"]
+    if model.student is not None:
+        parts.append(f"distilled inverse {_millions(model.student)}")
+    rows = [
+        ["checkpoint", str(checkpoint)],
+        ["preset", cfg.name],
+        ["parameters", f"{_millions(model)} ({', '.join(parts)})"],
+        ["images", f"{cfg.channels}×{cfg.image_size}×{cfg.image_size}: {cfg.num_tokens} tokens × "
+                   f"{cfg.token_dim} channels ({cfg.informative_dim} informative)"],
+        ["classes", f"{cfg.num_classes}, class-conditional" if cfg.conditional else "unconditional"],
+        ["training data", str(stored.get("train", {}).get("data", "not recorded"))],
+        ["training", _training(stored, provenance)],
+    ]
+    test_bpd = _test_bpd(metrics, step_dir.parent)
+    if test_bpd is not None:
+        rows.append(["test bits/dim", test_bpd])
+    rows += _sample_metrics(metrics)
+    return {
+        "rows": rows,
+        "preset": cfg.name,
+        "num_classes": cfg.num_classes,
+        "image_size": cfg.image_size,
+        "channels": cfg.channels,
+        "num_tokens": cfg.num_tokens,
+        "inverses": list(available_inverses(model)),
+        "limits": {"max_images": limits.max_images, "max_upload_bytes": limits.max_upload_bytes,
+                   "max_guidance": limits.max_guidance, "max_scale": limits.max_scale},
+    }

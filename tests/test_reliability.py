@@ -1,0 +1,371 @@
+"""Issue #12: bad input and faults through the `farmer` command and the library API, as a user meets them.
+
+Every CLI case runs through ``farmer.cli.main`` on the tiny preset and scikit-learn digits, a few steps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import multiprocessing
+import runpy
+import shutil
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_images, random_model
+from PIL import Image
+
+import farmer.checkpoint as ckpt
+from farmer.checkpoint import CONFIG, LATEST, load_model, read_config
+from farmer.cli import main, parse_classes
+
+TRAIN = ["train", "--preset", "tiny", "--data", "digits"]
+QUICK = ["--train-set", "eval_images=32"]  # tiny's eval and sample steps are past these short runs' ends
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run scheduled for 6 steps, logging every step, stopped (and saved) at step 2."""
+    out = tmp_path_factory.mktemp("reliability") / "run"
+    assert main([*TRAIN, "--out", str(out), "--steps", "6", "--stop-at", "2", "--train-set", "log_every=1",
+                 *QUICK]) == 0
+    return out
+
+
+@pytest.fixture
+def run(stopped_run: Path, tmp_path: Path) -> Path:
+    """A private copy of ``stopped_run`` to resume or damage."""
+    return Path(shutil.copytree(stopped_run, tmp_path / "run"))
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def _parse_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def _train_config(run: Path) -> dict:
+    return read_config(run)["train"]
+
+
+# Silent wrong results -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "message"), [
+    ("5-3", "descending; write 3-5"), ("0-", "must look like"), ("-3", "must look like"), ("a-b", "must look like"),
+    ("1,,2", "must look like"), ("0-12", "out of range"),
+])
+def test_malformed_or_descending_classes_are_rejected(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_classes(text, 10)
+    assert parse_classes("0-2,7", 10) == [0, 1, 2, 7]
+
+
+def test_bad_classes_fail_the_sample_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["sample", "--checkpoint", str(run), "--classes", "5-3", "--out", str(tmp_path / "g.png")])
+    assert "--classes range '5-3' is descending" in err
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize(("pair", "message"), [
+    ("label_dropout=abc", "'label_dropout' must be a finite number, got 'abc'"),
+    ("noise_std_end=nan", "'noise_std_end' must be a finite number"),
+    ("log_scale_bound=NaN", "'log_scale_bound' must be a finite number"),
+    ("final_permute=maybe", "'final_permute' must be true or false"),
+    ("widht=3", "unknown FarmerConfig field 'widht'"),
+])
+def test_bad_set_values_fail_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str], pair: str,
+                                              message: str) -> None:
+    assert message in _error(capsys, [*TRAIN, "--out", str(tmp_path / "r"), "--set", pair])
+    assert not (tmp_path / "r" / LATEST).exists()
+
+
+def test_set_false_really_turns_a_switch_off(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    assert main([*TRAIN, "--out", str(out), "--steps", "2", "--set", "final_permute=False", "--set",
+                 "channel_mixing=yes", "--set", "informative_channels=none", *QUICK]) == 0
+    config = load_model(out).config
+    assert config.final_permute is False and config.channel_mixing is True and config.informative_channels is None
+
+
+def test_ablation_script_uses_the_same_typed_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    script = Path(__file__).parent.parent / "scripts" / "run_ablations.py"
+    monkeypatch.setattr(sys, "argv", [script.name, "--out", str(tmp_path / "a"), "--set", "final_permute=maybe"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert info.value.code == 2 and "'final_permute' must be true or false" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_train_set_reaches_every_training_option_and_is_stored(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r"
+    assert main([*TRAIN, "--out", str(out), "--steps", "2", "--train-set", "weight_decay=0.01", "--train-set",
+                 "min_lr=1e-6", "--train-set", "grad_clip=0.5", "--train-set", "ema_decay=0.9", "--train-set",
+                 "warmup_steps=1", "--lr", "0.001", *QUICK]) == 0
+    stored = _train_config(out)
+    assert (stored["weight_decay"], stored["min_lr"], stored["grad_clip"], stored["ema_decay"],
+            stored["warmup_steps"], stored["lr"]) == (0.01, 1e-6, 0.5, 0.9, 1, 0.001)
+    capsys.readouterr()
+    assert "contradicts a flag for lr" in _error(capsys, [*TRAIN, "--out", str(tmp_path / "s"), "--lr", "0.1",
+                                                          "--train-set", "lr=0.2"])
+    assert "unknown TrainConfig field 'lr_max'" in _error(capsys, [*TRAIN, "--out", str(tmp_path / "s"),
+                                                                   "--train-set", "lr_max=1"])
+
+
+def test_resume_keeps_stored_settings_unless_overridden_and_prints_changes(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --preset tiny alone used to replace the stored schedule (6 steps) by the preset's (300).
+    assert main([*TRAIN, "--out", str(run), "--stop-at", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "with its stored training settings" in out and "changed" not in out
+    assert _train_config(run)["steps"] == 6 and _train_config(run)["eval_images"] == 32
+    assert main(["train", "--out", str(run), "--lr", "0.001", "--train-set", "grad_clip=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "changed on the command line: lr 0.002 -> 0.001, grad_clip 1.0 -> 0.5" in out
+    assert (run / LATEST).read_text().strip() == "step-00000006"
+    stored = _train_config(run)
+    assert (stored["steps"], stored["lr"], stored["grad_clip"]) == (6, 0.001, 0.5)
+
+
+def test_resume_with_another_model_setting_is_refused(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, [*TRAIN, "--out", str(run), "--set", "final_permute=false"])
+    assert "cannot resume" in err and "final_permute" in err
+
+
+def test_divergence_stops_non_zero_and_keeps_the_last_finite_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r"
+    err = _error(capsys, [*TRAIN, "--out", str(out), "--steps", "30", "--save-every", "2", "--lr", "1e4",
+                          "--train-set", "log_every=1", *QUICK])
+    assert "training diverged by step" in err and f"{out / 'step-00000002'} holds the last finite weights" in err
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00000002"]
+    assert (out / LATEST).read_text().strip() == "step-00000002"
+    model = load_model(out)  # loading checks every tensor for NaN/Inf
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(loss) for loss in logged)  # no NaN record either
+
+
+def _hold_lock(run: Path, ready: Connection) -> None:
+    with ckpt.lock_run_directory(run):
+        ready.send("locked")
+        time.sleep(120)
+
+
+def test_a_second_trainer_fails_at_once_naming_the_lock_holder(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    context = multiprocessing.get_context("fork")  # a second process, without a fresh interpreter's start-up
+    ready, child_end = context.Pipe()
+    holder = context.Process(target=_hold_lock, args=(run, child_end))
+    holder.start()
+    try:
+        assert ready.poll(60) and ready.recv() == "locked"
+        err = _error(capsys, [*TRAIN, "--out", str(run)])
+        assert f"is in use by another trainer (pid {holder.pid})" in err
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock
+        holder.join()
+    assert (run / LATEST).read_text().strip() == "step-00000002"
+    assert main(["train", "--out", str(run), "--stop-at", "4"]) == 0
+
+
+def test_log_prob_requires_images_in_minus_one_to_one() -> None:
+    model = random_model()
+    x = random_images(model.config, 4)
+    with pytest.raises(ValueError, match=r"images must lie in \[-1, 1\]"):
+        model.log_prob(x * 0.5 + 1.0)  # [0.5, 1.5]: the wrong units
+    with pytest.raises(ValueError, match=r"images must lie in \[-1, 1\]"):
+        model.log_prob(x.clamp(-1, 1) * 1.01)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.log_prob(torch.where(x > 0.9, math.nan, x))
+    edges = x.clone()
+    edges[0, 0, 0, :2] = torch.tensor([-1.0, 1.0 - 2.0**-16 / 128])  # uniform dequantisation's extremes
+    assert torch.isfinite(model.log_prob(edges)).all()
+    # Training keeps Gaussian dequantisation's margin, and its hot path makes no value check (no device sync).
+    loss, _ = model(x * 1.2)
+    assert torch.isfinite(loss)
+    assert torch.isnan(model(torch.where(x > 0.9, math.nan, x))[0])
+
+
+# Library API ---------------------------------------------------------------------------------------
+def test_log_prob_casts_float64_and_scores_an_empty_batch_as_empty() -> None:
+    model = random_model()
+    x = random_images(model.config, 3)
+    assert torch.allclose(model.log_prob(x.double()), model.log_prob(x))
+    assert model.log_prob(x.double()).dtype == torch.float32
+    empty = model.log_prob(x[:0], torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0,)
+    with pytest.raises(ValueError, match="empty batch"):
+        model(x[:0])
+
+
+def test_sample_with_a_float_count_says_what_n_is() -> None:
+    model = random_model()
+    with pytest.raises(TypeError, match=r"n is the number of images, an int, got float 2\.5"):
+        model.sample(2.5)
+    with pytest.raises(TypeError, match="got bool"):
+        model.sample(True)
+
+
+# Output and data paths -----------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--n", "--scale", "--batch-size"])
+@pytest.mark.parametrize("value", ["-5", "-3", "0"])
+def test_non_positive_counts_are_rejected_while_parsing(capsys: pytest.CaptureFixture[str], flag: str,
+                                                        value: str) -> None:
+    assert f"argument {flag}: must be >= 1, got {value}" in _parse_error(capsys, ["sample", flag, value])
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_eval_bpd_max_images_must_be_positive(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    err = _parse_error(capsys, ["eval", "bpd", "--data", "digits", "--max-images", value])
+    assert f"argument --max-images: must be >= 1, got {value}" in err
+
+
+def _blocker(tmp_path: Path) -> Path:
+    (tmp_path / "file.txt").write_text("")
+    return tmp_path / "file.txt"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (lambda t: ["--out", str(t)], "is a directory; give a file name"),
+    (lambda t: ["--out", str(t / "grid")], "needs an image extension such as .png"),
+    (lambda t: ["--out", str(t / "grid.xyz")], "needs an image extension such as .png"),
+    (lambda t: ["--out", str(_blocker(t) / "grid.png")], "file.txt is a file, not a directory"),
+    (lambda t: ["--out", str(t / "g.png"), "--npz", str(t)], "--npz"),
+    (lambda t: ["--out", str(t / "g.png"), "--npz", str(_blocker(t) / "sub" / "s.npz")], "is a file, not a"),
+])
+def test_sample_output_paths_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], args,
+                                                         message: str) -> None:
+    # The checkpoint does not exist: an output error proves the check ran before loading and sampling.
+    err = _error(capsys, ["sample", "--checkpoint", str(tmp_path / "missing"), *args(tmp_path)])
+    assert message in err and "checkpoint not found" not in err
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_eval_json_that_is_a_directory_fails_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["eval", "bpd", "--checkpoint", str(tmp_path / "missing"), "--data", "digits",
+                          "--json", str(tmp_path)])
+    assert f"--json {tmp_path} is a directory" in err
+
+
+def test_npz_directory_after_sampling_leaves_no_temporary(run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "out.npz").mkdir()
+    assert "--npz" in _error(capsys, ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "g.png"),
+                                      "--npz", str(tmp_path / "out.npz")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz", "run"]
+
+
+def test_n_must_be_a_multiple_of_the_class_count(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["sample", "--checkpoint", str(run), "--n", "15", "--classes", "0-9", "--out",
+                          str(tmp_path / "g.png")])
+    assert "--n 15 is not a multiple of the 10 classes" in err
+    assert main(["sample", "--checkpoint", str(run), "--n", "6", "--classes", "0-2", "--out", str(tmp_path / "g.png"),
+                 "--npz", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert Image.open(tmp_path / "g.png").size == ((2 * 10 + 2) * 2, (3 * 10 + 2) * 2)  # 2 per row, 3 rows, x2
+
+
+def test_train_out_or_data_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = _blocker(tmp_path)
+    assert f"--out {blocker} is a file" in _error(capsys, [*TRAIN, "--out", str(blocker)])
+    err = _error(capsys, ["train", "--preset", "tiny", "--data", str(blocker), "--out", str(tmp_path / "r")])
+    assert "is a file; expected one of mnist" in err
+
+
+def test_flat_image_folder_trains_with_a_held_out_share(tmp_path: Path) -> None:
+    generator = np.random.default_rng(0)
+    for i in range(40):
+        pixels = generator.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        path = tmp_path / "images" / ("cats" if i % 2 else "dogs") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    out = tmp_path / "r"
+    assert main(["train", "--preset", "tiny", "--set", "channels=3", "--set", "num_classes=2", "--data",
+                 str(tmp_path / "images"), "--out", str(out), "--steps", "2", "--batch-size", "4",
+                 "--val-fraction", "0.25", *QUICK]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(records[-1]["test_bpd"])
+    assert _train_config(out)["val_fraction"] == 0.25
+
+
+# Checkpoint contents and interrupted saves ---------------------------------------------------------------
+def test_config_json_with_a_string_for_the_model(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    step = run / "step-00000002" / CONFIG
+    data = json.loads(step.read_text())
+    data["model"] = "tiny"
+    step.write_text(json.dumps(data))
+    err = _error(capsys, ["sample", "--checkpoint", str(run)])
+    assert f"{step}: 'model' must be an object/dict" in err and "unknown" not in err
+
+
+def test_edited_config_json_field_type_is_caught(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    step = run / "step-00000002" / CONFIG
+    data = json.loads(step.read_text())
+    data["model"]["final_permute"] = "False"
+    step.write_text(json.dumps(data))
+    assert f"{step}: invalid FarmerConfig: final_permute must be bool" in _error(capsys, [*TRAIN, "--out", str(run)])
+
+
+def test_nan_in_ema_weights_names_the_tensor(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ema = run / "step-00000002" / ckpt.EMA_WEIGHTS
+    state = load_file(ema)
+    name = sorted(state)[0]
+    state[name].view(-1)[-1] = math.nan
+    save_file(state, ema)
+    err = _error(capsys, ["sample", "--checkpoint", str(run), "--n", "2"])
+    assert f"corrupt weights file {ema}: tensor '{name}' has NaN or Inf" in err
+
+
+def test_empty_latest_gives_a_clear_message(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (run / LATEST).write_text("")
+    for argv in (["sample", "--checkpoint", str(run)], [*TRAIN, "--out", str(run)]):
+        assert "LATEST is empty; write the name of a checkpoint into it (available: step-00000002)" in _error(
+            capsys, argv)
+
+
+def test_torn_last_metrics_line_is_tolerated(run: Path) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"time": 1, "step": 3, "lo')  # what a kill mid-write leaves
+    assert main(["train", "--out", str(run), "--stop-at", "4"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 4
+
+
+def test_corrupt_metrics_line_in_the_middle_names_the_file(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(["{oops", *lines]) + "\n")
+    assert f"{run / 'metrics.jsonl'}: line 1 is not JSON" in _error(capsys, ["train", "--out", str(run)])
+
+
+def test_stale_save_temporaries_are_cleaned_on_start(run: Path) -> None:
+    stale = run / ".step-00000004.k1ll3d"
+    stale.mkdir()
+    (stale / ckpt.MODEL_WEIGHTS).write_bytes(b"half a file")
+    assert main(["train", "--out", str(run), "--stop-at", "3"]) == 0
+    assert not list(run.glob(".step-*"))
+
+
+def test_full_disk_while_saving_names_the_intact_step(run: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(tensors: dict, path: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    err = _error(capsys, ["train", "--out", str(run), "--stop-at", "4"])
+    assert "no space left on device while saving step 4" in err and "step-00000002 is intact" in err
+    assert not list(run.glob(".step-*")) and (run / LATEST).read_text().strip() == "step-00000002"
