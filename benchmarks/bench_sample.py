@@ -7,7 +7,7 @@ speed-ups are medians of per-repeat ratios, so both sides of a ratio ran back to
 
 Random-initialised weights by default (timing depends on the architecture, not the weights); with
 ``--checkpoint DIR`` the checkpoint's model. ``--distilled`` without a trained student builds one with
-``DistilledInverse.from_teacher``: an untrained student, valid for timing only.
+``farmer.distill.attach_new_student``: an untrained student, valid for timing only.
 
     python -m benchmarks.bench_sample --threads 1 --quick --distilled
 """
@@ -36,7 +36,7 @@ from benchmarks.common import (
 )
 from farmer.checkpoint import load_model
 from farmer.config import FarmerConfig
-from farmer.distill import DistilledInverse
+from farmer.distill import attach_new_student
 from farmer.guidance import ResamplingGuidance
 from farmer.model import Farmer
 
@@ -58,8 +58,8 @@ def build_model(
     if model.student is not None:
         student = "trained (checkpoint)" if checkpoint is not None else "random init"
     elif distilled:
-        model.student = DistilledInverse.from_teacher(model.config, model.flow).to(device).eval()
-        student = "from_teacher (untrained; timing only)"
+        attach_new_student(model).eval()
+        student = "copy of the flow (untrained; timing only)"
     info = {
         "source": source,
         "config": model.config.to_dict(),

@@ -4,9 +4,12 @@
     python -m benchmarks.run_all --threads 2 --checkpoint runs/mnist
     python -m benchmarks.run_all --quick --threads 1 --train-presets tiny --sample-preset tiny \\
         --sample-batches 1 4 --out /tmp/bench                    # seconds: for a test
+    python -m benchmarks.run_all --threads 1 --compare-to 0a6217a   # + A/B against an old revision (issue #13)
 
 The sampling benchmark always times the distilled inverse too (``--distilled``): without a trained student
-it builds one from the flow, which is enough for timing. Exits non-zero if any benchmark failed.
+it builds one from the flow, which is enough for timing. ``--compare-to REV_OR_PATH`` adds
+benchmarks/bench_compare.py (today's code against that git revision or directory, A/B). The summary is
+printed and written as markdown; exits non-zero if any benchmark failed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import bench_compare
 from benchmarks.bench_sample import BATCHES
 from benchmarks.bench_train import PHASES, PRESETS
 from benchmarks.common import (
@@ -34,7 +38,7 @@ from benchmarks.common import (
 )
 from farmer.config import PRESETS as PRESET_CONFIGS
 
-BENCHMARKS = ("train", "sample")
+BENCHMARKS = ("train", "sample", "compare")
 
 
 def bench_command(name: str, args: argparse.Namespace) -> list[str]:
@@ -50,6 +54,8 @@ def bench_command(name: str, args: argparse.Namespace) -> list[str]:
         command += ["--device", args.device]
     if name == "train":
         command += ["--presets", *args.train_presets]
+    elif name == "compare":
+        command += ["--compare-to", args.compare_to, "--batch-sizes", *map(str, args.compare_batches)]
     else:
         command += ["--distilled", "--preset", args.sample_preset, "--batch-sizes", *map(str, args.sample_batches)]
         if args.checkpoint is not None:
@@ -152,7 +158,7 @@ def _sample_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-SECTIONS = {"train": _train_section, "sample": _sample_section}
+SECTIONS = {"train": _train_section, "sample": _sample_section, "compare": bench_compare.markdown}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -191,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-presets", nargs="+", default=list(PRESETS), help="presets for bench_train")
     parser.add_argument("--sample-preset", default="mnist", help="preset for bench_sample without --checkpoint")
     parser.add_argument("--sample-batches", type=positive_int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--compare-to", default=None, help="git revision or directory to compare against, A/B")
+    parser.add_argument("--compare-batches", type=positive_int, nargs="+", default=list(bench_compare.BATCHES))
     args = parser.parse_args(argv)
     if args.checkpoint is not None and not args.checkpoint.exists():
         parser.error(f"checkpoint not found: {args.checkpoint}")
@@ -206,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     device = resolve_device(args.device)
     start = time.perf_counter()
-    benchmarks = {name: run_benchmark(name, args) for name in BENCHMARKS}
+    names = [name for name in BENCHMARKS if name != "compare" or args.compare_to is not None]
+    benchmarks = {name: run_benchmark(name, args) for name in names}
     summary = {
         "environment": environment(device),
         "quick": args.quick,
@@ -216,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {write_result('summary', summary, args.out)}")
     markdown = args.out / "summary.md"
     markdown.write_text(summary_markdown(summary))
+    print(summary_markdown(summary))
     print(f"wrote {markdown}")
     failed = [name for name, entry in benchmarks.items() if not entry["ok"]]
     if failed:

@@ -37,16 +37,16 @@ from typing import Any
 from torch import Tensor
 
 from farmer.analysis import has_classifier
-from farmer.checkpoint import load_model, write_json_atomic
+from farmer.checkpoint import load_model
 from farmer.classifier import classifier_metrics
 from farmer.config import FarmerConfig
 from farmer.data import make_dataset
 from farmer.evaluation import balanced_labels, dataset_pixels, evaluate_bpd, generate
-from farmer.guidance import NaiveGuidance, ResamplingGuidance
 from farmer.images import save_grid
+from farmer.io import count_parameters, write_json_atomic
 from farmer.metrics import stripe_ratio
 from farmer.model import Farmer
-from farmer.prior import Guidance
+from farmer.sampling import SamplingOptions, make_guidance
 from farmer.train import TrainConfig, train
 
 BASELINE = "farmer"
@@ -162,8 +162,7 @@ def parameter_counts(config: FarmerConfig) -> dict[str, int]:
     """Parameters of the flow (AF), the prior (AR) and in total. The ablation's models are small, so they are
     built on the CPU (the meta device's first use costs seconds of imports)."""
     model = Farmer(config)
-    flow = sum(p.numel() for p in model.flow.parameters())
-    prior = sum(p.numel() for p in model.prior.parameters())
+    flow, prior = count_parameters(model.flow), count_parameters(model.prior)
     return {"flow": flow, "prior": prior, "total": flow + prior}
 
 
@@ -205,12 +204,6 @@ def train_config(cfg: AblationConfig) -> TrainConfig:
         save_every=max(1, cfg.steps // 10),
         log_every=max(1, min(50, cfg.steps)),
     )
-
-
-def _guidance(kind: str | None, scale: float) -> Guidance | None:
-    if kind is None:
-        return None
-    return NaiveGuidance(scale=scale) if kind == "naive" else ResamplingGuidance(scale=scale)
 
 
 # Running ------------------------------------------------------------------------------------------------
@@ -286,8 +279,9 @@ def _sample_metrics(model: Farmer, cfg: AblationConfig, guidance: str | None, re
                     grid: Path) -> dict[str, float | None]:
     """Classifier metrics (where a classifier exists) and the stripe statistic of class-balanced samples."""
     labels = balanced_labels(model, cfg.num_samples)
-    pixels = generate(model, cfg.num_samples, labels, cfg.seed, cfg.sample_batch,
-                      guidance=_guidance(guidance, cfg.guidance_scale))
+    options = SamplingOptions(guidance=None if guidance is None else make_guidance(guidance, cfg.guidance_scale),
+                              batch_size=cfg.sample_batch, seed=cfg.seed)
+    pixels = generate(model, cfg.num_samples, labels, options)
     # No classifier for e.g. the 8x8 digits: the samples still make the grid.
     metrics = classifier_metrics(pixels, cfg.data, labels) if has_classifier(model, cfg.data) else {}
     save_grid(pixels[:100], grid, nrow=10, scale=2)

@@ -25,6 +25,7 @@ from farmer.data import make_dataset, model_to_pixels, pixels_to_model
 from farmer.evaluation import balanced_labels, generate
 from farmer.images import make_grid
 from farmer.model import Farmer
+from farmer.sampling import SamplingOptions
 
 ANALYSES = ("separation", "variance", "logdet", "unguided")
 MetricFn = Callable[[Tensor, Tensor | None], dict[str, float]]
@@ -314,7 +315,8 @@ def unguided_grid(
     metrics: dict[str, np.ndarray] = {}
     for i, s in enumerate(s_values):
         for j, t in enumerate(t_values):
-            pixels = generate(model, n_per_cell, labels, seed, batch_size, variance_scale=s, temperature=t)
+            options = SamplingOptions(variance_scale=s, temperature=t, batch_size=batch_size, seed=seed)
+            pixels = generate(model, n_per_cell, labels, options)
             for name, value in metric_fn(pixels, labels).items():
                 metrics.setdefault(name, np.full((len(s_values), len(t_values)), np.nan))[i, j] = value
     metrics.pop("num_images", None)  # constant by construction; nothing to map
@@ -387,7 +389,7 @@ def run_analysis(
         result = unguided_grid(model, png, n_per_cell=n_per_cell, dataset=data, seed=seed)
     else:
         if from_samples:
-            images = generate(model, num_images, balanced_labels(model, num_images), seed)
+            images = generate(model, num_images, balanced_labels(model, num_images), SamplingOptions(seed=seed))
         else:
             test = make_dataset(data, "test", data_root, model.config.image_size)
             images = torch.stack([test[i][0] for i in range(min(num_images, len(test)))])

@@ -11,6 +11,10 @@ then does LATEST move: a crash at any moment leaves the previous checkpoint inta
 is ever unpickled, and no tensor with a NaN or Inf is ever written or loaded: a diverged run cannot
 overwrite (or rotate away) its last good checkpoint. A trainer holds ``.lock`` (``fcntl.flock``, holding
 its pid) for as long as it writes the directory.
+
+A released model is one directory in the Hugging Face Hub layout, ``config.json`` + ``model.safetensors``
+(:func:`save_pretrained`, :func:`from_pretrained`). The package ships such directories under
+``farmer/checkpoints/NAME``; wherever a checkpoint path is taken, a shipped model's NAME works too.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from farmer.config import FarmerConfig, check_dict
+from farmer.io import fsync_directory, write_atomic, write_json_atomic
 from farmer.model import Farmer
 
 FORMAT_VERSION = 1
@@ -42,24 +48,9 @@ EMA_WEIGHTS = "ema.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
 LOCK = ".lock"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# Released models that ship inside the package (package data, so an installed wheel has them too).
+SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
+DEFAULT_SHIPPED = "mnist"
 
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -143,7 +134,7 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], weig
         for file in tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_directory(tmp)
         final = run_dir / name
         if final.exists():  # re-saving the same step (e.g. after a resume) replaces it
             shutil.rmtree(final)
@@ -155,9 +146,7 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], weig
             raise RuntimeError(f"no space left on device while saving step {step} in {run_dir}; "
                                + (f"{intact} is intact" if intact else "no earlier checkpoint exists")) from err
         raise
-    (run_dir / f".{LATEST}.tmp").write_text(name + "\n")
-    os.replace(run_dir / f".{LATEST}.tmp", run_dir / LATEST)
-    _fsync_dir(run_dir)
+    write_atomic(run_dir / LATEST, name + "\n")
     steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old.name != name:
@@ -166,9 +155,9 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], weig
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete what a save killed midway leaves behind (``.step-*`` directories, ``.LATEST.tmp``); only a
+    """Delete what a save killed midway leaves behind (``.step-*`` directories, ``.LATEST.*.tmp``); only a
     holder of the run directory's lock may call this, or it would delete another trainer's save."""
-    stale = [*run_dir.glob(".step-*"), *run_dir.glob(f".{LATEST}.tmp")]
+    stale = [*run_dir.glob(".step-*"), *run_dir.glob(f".{LATEST}*.tmp")]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -203,11 +192,27 @@ def lock_run_directory(run_dir: str | Path) -> Iterator[None]:
         yield
 
 
+def shipped_models() -> list[str]:
+    """Names of the models shipped in the package: every folder under farmer/checkpoints with a config."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / CONFIG).is_file())
+
+
+def locate_checkpoint(path_or_name: str | Path) -> Path:
+    """An existing path as it is; otherwise the shipped model of that name (a path wins over a name)."""
+    path = Path(path_or_name)
+    if path.exists():
+        return path
+    if path.name == str(path_or_name) and path.name in shipped_models():
+        return SHIPPED_DIR / path.name
+    shipped = ", ".join(shipped_models()) or "none"
+    raise FileNotFoundError(f"checkpoint not found: {path} (not a directory, nor a shipped model: {shipped})")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, or a run directory whose LATEST names one."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    """A step directory, or a run directory whose LATEST names one; or a shipped model's name."""
+    path = locate_checkpoint(path)
     if (path / CONFIG).is_file():
         return path
     latest = path / LATEST
@@ -289,3 +294,52 @@ def load_model(path: str | Path, ema: bool = True, map_location: str | torch.dev
     file = step_dir / (EMA_WEIGHTS if ema and (step_dir / EMA_WEIGHTS).is_file() else MODEL_WEIGHTS)
     load_state_into(model, load_weights(file), file)
     return model.to(map_location).eval()
+
+
+# Hub layout ---------------------------------------------------------------------------------------------
+def save_pretrained(model: Farmer, directory: str | Path) -> Path:
+    """Write ``model`` as ``directory/config.json`` + ``directory/model.safetensors`` (the Hugging Face Hub
+    layout; other files in the directory are left alone). Each file is replaced atomically, the weights
+    first: config.json marks a complete checkpoint."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a directory")
+    weights = _contiguous(model.state_dict())
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise ValueError(f"refusing to save: tensor {bad!r} has NaN or Inf values")
+    if (directory / EMA_WEIGHTS).exists():  # load_model prefers EMA weights: they would shadow these
+        raise ValueError(f"{directory} holds {EMA_WEIGHTS} (a training checkpoint); save to another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / MODEL_WEIGHTS, safetensors_bytes(weights))
+    write_json_atomic(directory / CONFIG, {"format": FORMAT_VERSION, "model": model.config.to_dict()})
+    return directory
+
+
+HUB_INSTALL = "pip install 'farmer[hub]'"
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, local_files_only: bool) -> Path:
+    """The local folder of a Hub repository's config and weights (downloaded or from the Hub cache; the
+    cache location and offline mode follow huggingface_hub's own HF_HUB_CACHE and HF_HUB_OFFLINE)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{repo_id!r} is not a local directory nor a shipped model; loading it from the "
+                          f"Hugging Face Hub needs huggingface_hub: {HUB_INSTALL}") from None
+    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  allow_patterns=[CONFIG, "*.safetensors"]))
+
+
+def from_pretrained(path_or_repo_id: str | Path, *, revision: str | None = None, ema: bool = True,
+                    map_location: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+                    local_files_only: bool = False) -> Farmer:
+    """A model from a local checkpoint directory, a shipped model's name (e.g. "mnist"), or a Hugging Face
+    Hub repository id ("owner/name", needs the ``hub`` extra). Weights: EMA when present, like load_model."""
+    path = Path(path_or_repo_id)
+    if not path.exists() and str(path_or_repo_id) not in shipped_models():
+        if str(path_or_repo_id).count("/") != 1 or path.is_absolute():
+            raise FileNotFoundError(f"{path_or_repo_id} is not a directory, a shipped model "
+                                    f"({', '.join(shipped_models()) or 'none'}) or a Hub repository id (owner/name)")
+        path = _hub_snapshot(str(path_or_repo_id), revision, cache_dir, local_files_only)
+    return load_model(path, ema=ema, map_location=map_location)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from farmer.data import load_arrays, pixels_to_model
-from farmer.metrics import feature_statistics, frechet_distance, reference_statistics
+from farmer.io import count_parameters, write_atomic
+from farmer.metrics import check_uint8_images, feature_statistics, frechet_distance, reference_statistics
 
 CLASSIFIER_DATASETS = ("mnist", "fashion-mnist")
 IMAGE_SHAPE = (1, 28, 28)
@@ -144,16 +144,6 @@ def load_classifier(dataset: str) -> Classifier:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_images(images: Tensor) -> Tensor:
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
-    if images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
-        raise ValueError(f"images must have shape (N, 1, 28, 28), got {tuple(images.shape)}")
-    return images
-
-
 class ClassifierFeatures:
     """A :class:`farmer.metrics.FeatureExtractor` over the classifier: features and logits of uint8 images."""
 
@@ -174,7 +164,7 @@ class ClassifierFeatures:
     @torch.inference_mode()
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(N, hidden) features and (N, classes) logits, float32 on the CPU."""
-        images = _check_images(images)
+        images = check_uint8_images(images, IMAGE_SHAPE)
         feats, logits = [], []
         for start in range(0, images.shape[0], self.batch_size):
             x = pixels_to_model(images[start : start + self.batch_size].to(self.device))
@@ -213,7 +203,7 @@ def classifier_metrics(
     cached like FID's); ``accuracy`` (only with ``labels``): share classified as the requested label.
     """
     _check_dataset(dataset)
-    images = _check_images(images_uint8)
+    images = check_uint8_images(images_uint8, IMAGE_SHAPE)
     if images.shape[0] < 2:
         raise ValueError(f"need at least 2 images for the metrics, got {images.shape[0]}")
     classifier, digest = _load(dataset)
@@ -251,12 +241,6 @@ def _accuracy(model: Classifier, images: Tensor, labels: Tensor, device: torch.d
         x = pixels_to_model(images[start : start + chunk].to(device))
         correct += int((model(x).argmax(dim=1).cpu() == labels[start : start + chunk]).sum())
     return correct / images.shape[0]
-
-
-def _save_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def train_classifier(
@@ -310,7 +294,7 @@ def train_classifier(
     record = {
         "dataset": dataset,
         "architecture": model.config,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": count_parameters(model),
         "input": "farmer.data.pixels_to_model(uint8 pixels) = (k + 0.5) / 128 - 1",
         "test_accuracy": accuracy,
         "test_images": int(test_x.shape[0]),
@@ -326,6 +310,6 @@ def train_classifier(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _save_atomic(out_dir / _asset_name(dataset, "safetensors"), lambda p: save_file(state, str(p)))
-    _save_atomic(out_dir / _asset_name(dataset, "json"), lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    write_atomic(out_dir / _asset_name(dataset, "safetensors"), save_safetensors_bytes(state))
+    write_atomic(out_dir / _asset_name(dataset, "json"), json.dumps(record, indent=2) + "\n")
     return record

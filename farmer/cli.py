@@ -1,10 +1,12 @@
 """The ``farmer`` command: thin argument parsing over the library.
 
-    farmer sample   [--checkpoint DIR] --n 64 --classes 0-9 --guidance 2.5 --out grid.png [--npz FILE]
+    farmer sample   [--checkpoint NAME|DIR] --n 64 --classes 0-9 --guidance 2.5 [--out grid.png] [--npz FILE]
+                    (under torchrun: each rank samples its share of --npz)
     farmer train    --preset mnist --data mnist --out runs/NAME [--steps N ...] [--set key=value ...]
                     [--train-set key=value ...]
     farmer distill  --teacher DIR --out DIR [--steps N]
-    farmer eval     bpd|fid|classifier|distill [--checkpoint DIR | --npz FILE] ...
+    farmer eval     bpd|fid|classifier|distill|ood [--checkpoint NAME|DIR | --npz FILE] ...
+    farmer score    [--checkpoint NAME|DIR] (--data NAME | --images DIR | --npz FILE) --out scores.csv
     farmer analyze  separation|variance|logdet|unguided --checkpoint DIR --out DIR
     farmer demo     [--checkpoint DIR] [--host 127.0.0.1] [--port 7860]
     farmer data     prepare NAME
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -27,42 +28,28 @@ import numpy as np
 import torch
 
 from farmer.data import DEFAULT_VAL_FRACTION, make_dataset
+from farmer.sampling import parse_classes
 
 if TYPE_CHECKING:
+    from farmer.distributed import Runtime
+    from farmer.sampling import SamplingOptions
     from farmer.train import TrainConfig
 
-SHIPPED_CHECKPOINT = "checkpoints/mnist"
 DEFAULT_SAMPLES = 64  # farmer sample without --n
 
 
 def shipped_checkpoint() -> Path:
-    """The model the repository ships: ./checkpoints/mnist of a source checkout.
+    """The default model: farmer/checkpoints/mnist, package data, so installed wheels have it too."""
+    from farmer.checkpoint import DEFAULT_SHIPPED, locate_checkpoint
 
-    The checkpoint is not part of the installed package (only the metric classifiers in farmer/assets are), so
-    an installed copy without the checkout has none and must be given ``--checkpoint DIR``."""
-    local = Path(__file__).resolve().parent.parent / SHIPPED_CHECKPOINT
-    if local.is_dir():
-        return local
-    raise FileNotFoundError(f"no shipped checkpoint found at {local}; pass --checkpoint DIR")
+    return locate_checkpoint(DEFAULT_SHIPPED)
 
 
-def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
-    """'0-9', '3', '1,4,7' or '0-4,9' -> a list of class indices."""
-    if text is None:
-        return None
-    classes: list[int] = []
-    for part in text.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
-        if match is None:
-            raise ValueError(f"--classes must look like 0-9, 3 or 1,4-6, got {text!r}")
-        lo, hi = int(match[1]), int(match[2] or match[1])
-        if hi < lo:
-            raise ValueError(f"--classes range {part.strip()!r} is descending; write {hi}-{lo}")
-        classes.extend(range(lo, hi + 1))
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(f"classes {bad} are out of range for a model with {num_classes} classes")
-    return classes
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """--checkpoint as a directory or a shipped model's name (farmer/checkpoints/NAME); the default model without it."""
+    from farmer.checkpoint import locate_checkpoint
+
+    return locate_checkpoint(args.checkpoint) if args.checkpoint else shipped_checkpoint()
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -132,13 +119,13 @@ def _settle_train_config(out: Path, fresh: TrainConfig, explicit: dict[str, Any]
 def cmd_presets(args: argparse.Namespace) -> None:
     from farmer import Farmer, FarmerConfig
     from farmer.config import PRESETS
+    from farmer.io import count_parameters
 
     for name in PRESETS:
         cfg = FarmerConfig.preset(name)
         with torch.device("meta"):
             model = Farmer(cfg)
-        flow = sum(p.numel() for p in model.flow.parameters())
-        prior = sum(p.numel() for p in model.prior.parameters())
+        flow, prior = count_parameters(model.flow), count_parameters(model.prior)
         print(f"{name:22s} {cfg.channels}×{cfg.image_size}² p={cfg.patch_size} N={cfg.num_tokens} "
               f"d={cfg.token_dim} d_I={cfg.informative_dim}  AF {flow / 1e6:8.2f}M  AR {prior / 1e6:8.2f}M  "
               f"total {(flow + prior) / 1e6:8.2f}M")
@@ -167,7 +154,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                "save_every": args.save_every, "ema_decay": args.ema_decay, "val_fraction": args.val_fraction}
     train_config = _settle_train_config(out, TrainConfig.preset(preset or "mnist"),
                                         _explicit_train_options(args, options))
-    result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at)
+    result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at,
+                   logger=args.log)
     print(json.dumps(result, indent=2))
 
 
@@ -185,43 +173,33 @@ def cmd_distill(args: argparse.Namespace) -> None:
                "lr": args.lr, "seed": args.seed, "teacher_weights": args.teacher_weights}
     out = check_output_path(args.out, "--out", "directory")
     train_config = _settle_train_config(out, fresh, _explicit_train_options(args, options))
-    result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at)
+    result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at,
+                   logger=args.log)
     print(json.dumps(result, indent=2))
 
 
-def _guidance(args: argparse.Namespace):
-    from farmer.guidance import NaiveGuidance, ResamplingGuidance, guidance_options
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The sampling flags as one validated SamplingOptions (the one place the CLI builds them)."""
+    from farmer.sampling import SamplingOptions, make_guidance
 
-    if args.guidance is None or args.cfg == "none":
-        if args.cfg_option:
-            raise ValueError("--cfg-option needs guidance: pass --guidance W (and not --cfg none)")
-        return None
-    kind = NaiveGuidance if args.cfg == "naive" else ResamplingGuidance
-    return kind(scale=args.guidance, **guidance_options(kind, args.cfg_option))
-
-
-def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"guidance": _guidance(args), "variance_scale": args.variance_scale, "temperature": args.temperature,
-            "inverse": args.inverse}
+    guidance = None
+    if args.guidance is not None and args.cfg != "none":
+        guidance = make_guidance(args.cfg, args.guidance, args.cfg_option)
+    elif args.cfg_option:
+        raise ValueError("--cfg-option needs guidance: pass --guidance W (and not --cfg none)")
+    return SamplingOptions(guidance=guidance, variance_scale=args.variance_scale, temperature=args.temperature,
+                           inverse=getattr(args, "inverse", "exact"), batch_size=args.batch_size, seed=args.seed)
 
 
-def _load(args: argparse.Namespace, ema: bool = True):
+def _load(args: argparse.Namespace, ema: bool = True, device: torch.device | str | None = None):
     from farmer.checkpoint import load_model
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
-    return checkpoint, load_model(checkpoint, ema=ema, map_location=args.device or "cpu")
+    checkpoint = checkpoint_path(args)
+    return checkpoint, load_model(checkpoint, ema=ema, map_location=device or args.device or "cpu")
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
-    from farmer.evaluation import generate
-    from farmer.images import save_grid
-    from farmer.metrics import save_npz_images
-
-    check_output_path(args.out, "--out", "image")
-    if args.npz:
-        check_output_path(args.npz, "--npz")
-    checkpoint, model = _load(args)
-    cfg = model.config
+def _sample_layout(args: argparse.Namespace, cfg) -> tuple[int, torch.Tensor | None, int]:
+    """(n, labels, images per grid row) of `farmer sample`: one row per class of --classes, or balanced labels."""
     if args.classes is not None and not cfg.conditional:
         raise ValueError("--classes given, but the model is unconditional")
     classes = parse_classes(args.classes, cfg.num_classes)
@@ -231,16 +209,71 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise ValueError(f"--n {args.n} is not a multiple of the {len(classes)} classes of --classes "
                              f"{args.classes} (one grid row of equal length per class)")
         per_class = max(1, DEFAULT_SAMPLES // len(classes)) if args.n is None else args.n // len(classes)
-        labels, nrow = torch.tensor(classes).repeat_interleave(per_class), per_class
-        n = len(labels)
-    else:
-        n = args.n or DEFAULT_SAMPLES
-        labels, nrow = (torch.arange(n) % cfg.num_classes if cfg.conditional else None), max(1, int(n**0.5))
+        labels = torch.tensor(classes).repeat_interleave(per_class)
+        return len(labels), labels, per_class
+    n = args.n or DEFAULT_SAMPLES
+    return n, (torch.arange(n) % cfg.num_classes if cfg.conditional else None), max(1, int(n**0.5))
+
+
+def _torchrun_runtime(device: str | None) -> Runtime | None:
+    """The process group when launched by torchrun with several processes; None for a plain process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    from farmer.distributed import init_runtime
+
+    return init_runtime(device)
+
+
+def _gather_shards(pixels: torch.Tensor, npz: Path, rt: Runtime) -> torch.Tensor | None:
+    """Every rank writes its share beside --npz; rank 0 joins them in rank order (the whole set, as one
+    process draws it) and deletes them. Needs a file system all ranks share, as torchrun on one node has."""
+    import torch.distributed as dist
+
+    from farmer.metrics import load_npz_images, save_npz_images
+
+    def shard(rank: int) -> Path:
+        return npz.with_name(f".{npz.name}.shard-{rank}-of-{rt.world}.npz")
+
+    save_npz_images(shard(rt.rank), pixels.permute(0, 2, 3, 1).numpy())
+    dist.barrier()
+    if not rt.main:
+        return None
+    parts = [load_npz_images(shard(rank)) for rank in range(rt.world)]
+    for rank in range(rt.world):
+        shard(rank).unlink()
+    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from farmer.evaluation import generate
+    from farmer.images import save_grid
+    from farmer.metrics import save_npz_images
+
+    # A grid unless only --npz is asked for: a 50,000-image FID set needs none.
+    out = args.out if args.out is not None or args.npz else "samples.png"
+    if out is not None:
+        check_output_path(out, "--out", "image")
+    if args.npz:
+        check_output_path(args.npz, "--npz")
+    rt = _torchrun_runtime(args.device)
+    if rt is not None and not args.npz:
+        raise ValueError("under torchrun, give --npz FILE: each rank samples its share of it")
+    checkpoint, model = _load(args, device=None if rt is None else rt.device)
+    n, labels, nrow = _sample_layout(args, model.config)
+    shard = (0, 1) if rt is None else (rt.rank, rt.world)
     start = time.perf_counter()
-    pixels = generate(model, n, labels, args.seed, args.batch_size, progress=True, **_sampling_options(args))
+    pixels = generate(model, n, labels, sampling_options(args), progress=shard[0] == 0, shard=shard)
+    if rt is not None:
+        pixels = _gather_shards(pixels, Path(args.npz), rt)
+        if pixels is None:  # not rank 0: its share is written
+            return
     elapsed = time.perf_counter() - start
-    path = save_grid(pixels, args.out, nrow=nrow, scale=args.scale)
-    print(f"wrote {path} ({n} images from {checkpoint}, {elapsed:.1f} s, {n / elapsed:.1f} img/s)")
+    workers = "" if rt is None else f" over {rt.world} processes"
+    print(f"sampled {n} images from {checkpoint} in {elapsed:.1f} s ({n / elapsed:.1f} img/s{workers})")
+    if out is not None:
+        print(f"wrote {save_grid(pixels, out, nrow=nrow, scale=args.scale)}")
     if args.npz:
         nhwc = pixels.permute(0, 2, 3, 1).numpy()
         print(f"wrote {save_npz_images(args.npz, nhwc, None if labels is None else labels.numpy())}")
@@ -258,53 +291,137 @@ def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.
         return images, labels, str(args.npz)
     checkpoint, model = _load(args)
     labels = balanced_labels(model, args.n)
-    images = generate(model, args.n, labels, args.seed, args.batch_size, progress=True, **_sampling_options(args))
+    images = generate(model, args.n, labels, sampling_options(args), progress=True)
     return images, labels, str(checkpoint)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from farmer import evaluation
-
-    if args.json:
-        check_output_path(args.json, "--json")
-    result: dict[str, Any] = {"metric": args.metric, "data": args.data}
-    if args.metric == "bpd":
-        checkpoint, model = _load(args, ema=not args.raw_weights)
-        dataset = make_dataset(args.data, args.split, args.data_root, model.config.image_size, args.val_fraction)
-        result.update(checkpoint=str(checkpoint), split=args.split,
-                      images=len(dataset) if args.max_images is None else min(args.max_images, len(dataset)),
-                      bits_per_dim=evaluation.evaluate_bpd(model, dataset, args.batch_size, args.max_images,
-                                                           progress=True))
-    elif args.metric == "distill":
-        checkpoint, model = _load(args)
-        report = evaluation.compare_inverses(model, args.n, args.batch_size, args.seed, progress=True)
-        images = report.pop("images")
-        labels = report.pop("labels")
-        result.update(checkpoint=str(checkpoint), **report)
-        if args.data in ("mnist", "fashion-mnist"):
-            from farmer.classifier import classifier_metrics
-
-            result["classifier"] = {k: classifier_metrics(v, args.data, labels) for k, v in images.items()}
-    else:
-        images, labels, source = _samples_for_metrics(args)
-        result["source"] = source
-        if args.metric == "fid":
-            result.update(evaluation.fid_report(images, args.data, args.split, args.reference_images,
-                                                device=args.device, root=args.data_root))
-        else:
-            from farmer.classifier import classifier_metrics
-
-            result.update(classifier_metrics(images, args.data, labels, reference=args.split))
+def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Print an evaluation's JSON, and write it to --json when given."""
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from farmer.io import write_json_atomic
+
+        write_json_atomic(args.json, result)
+
+
+def _eval_command(run: Callable[[argparse.Namespace], dict[str, Any]]) -> Callable[[argparse.Namespace], None]:
+    """A `farmer eval` sub-command: checks --json before the work, reports the result after it."""
+    def command(args: argparse.Namespace) -> None:
+        if args.json:
+            check_output_path(args.json, "--json")
+        _report(args, {"metric": args.metric, **run(args)})
+    return command
+
+
+def eval_bpd(args: argparse.Namespace) -> dict[str, Any]:
+    from farmer.evaluation import evaluate_bpd
+
+    checkpoint, model = _load(args, ema=not args.raw_weights)
+    dataset = make_dataset(args.data, args.split, args.data_root, model.config.image_size, args.val_fraction)
+    return {"data": args.data, "checkpoint": str(checkpoint), "split": args.split,
+            "images": len(dataset) if args.max_images is None else min(args.max_images, len(dataset)),
+            "bits_per_dim": evaluate_bpd(model, dataset, args.batch_size, args.max_images, progress=True)}
+
+
+def eval_fid(args: argparse.Namespace) -> dict[str, Any]:
+    from farmer.evaluation import fid_report
+
+    images, _, source = _samples_for_metrics(args)
+    return {"data": args.data, "source": source,
+            **fid_report(images, args.data, args.split, args.reference_images, args.precision_recall_images,
+                         device=args.device, root=args.data_root, ref_stats=args.ref_stats)}
+
+
+def eval_classifier(args: argparse.Namespace) -> dict[str, Any]:
+    from farmer.classifier import classifier_metrics
+
+    images, labels, source = _samples_for_metrics(args)
+    return {"data": args.data, "source": source, **classifier_metrics(images, args.data, labels, reference=args.split)}
+
+
+def eval_distill(args: argparse.Namespace) -> dict[str, Any]:
+    from farmer.evaluation import compare_inverses
+
+    checkpoint, model = _load(args)
+    report = compare_inverses(model, args.n, sampling_options(args), progress=True)
+    images, labels = report.pop("images"), report.pop("labels")
+    result = {"data": args.data, "checkpoint": str(checkpoint), **report}
+    if args.data in ("mnist", "fashion-mnist"):
+        from farmer.classifier import classifier_metrics
+
+        result["classifier"] = {k: classifier_metrics(v, args.data, labels) for k, v in images.items()}
+    return result
+
+
+def eval_ood(args: argparse.Namespace) -> dict[str, Any]:
+    from farmer.evaluation import dataset_pixels, ood_report
+
+    checkpoint, model = _load(args)
+    size = model.config.image_size
+    inside, outside = (dataset_pixels(data, args.split, args.n, size, args.data_root)
+                       for data in (args.in_data, args.ood_data))
+    return {"checkpoint": str(checkpoint), "in_data": args.in_data, "ood_data": args.ood_data, "split": args.split,
+            "images": {"in": len(inside), "ood": len(outside)},
+            "scores": ood_report(model, inside, outside, args.batch_size, args.seed, progress=True)}
+
+
+def _images_to_score(args: argparse.Namespace, model) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+    """(uint8 NCHW images, their labels or None, their file names or None) from --data, --images or --npz."""
+    from PIL import Image
+
+    from farmer.evaluation import dataset_pixels
+    from farmer.images import load_image
+    from farmer.metrics import load_npz_images
+
+    cfg = model.config
+    if args.data:
+        dataset = make_dataset(args.data, args.split, args.data_root, cfg.image_size)
+        count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+        labels = torch.tensor([dataset[i][1] for i in range(count)]) if cfg.conditional else None
+        return dataset_pixels(args.data, args.split, count, cfg.image_size, args.data_root), labels, None
+    if args.npz:
+        images = torch.from_numpy(load_npz_images(args.npz)[:args.max_images]).permute(0, 3, 1, 2).contiguous()
+        with np.load(args.npz) as data:
+            labels = data["labels"][:args.max_images] if "labels" in data.files and cfg.conditional else None
+        return images, None if labels is None else torch.from_numpy(labels), None
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder} is not a directory")
+    extensions = set(Image.registered_extensions())
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions)[:args.max_images]
+    if not files:
+        raise ValueError(f"--images {folder} holds no image files")
+    images = torch.stack([load_image(f, cfg.channels, cfg.image_size) for f in files])
+    return images, None, [str(f.relative_to(folder)) for f in files]
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    import csv
+    import io
+
+    from farmer.evaluation import score_images
+    from farmer.io import write_atomic
+
+    out = check_output_path(args.out, "--out")
+    checkpoint, model = _load(args)
+    images, labels, names = _images_to_score(args, model)
+    scores = score_images(model, images, labels, args.batch_size, args.seed, progress=True)
+    columns = {"index": np.arange(len(images)), **({"file": np.array(names)} if names else {}),
+               **({"label": labels.numpy()} if labels is not None else {}), **scores}
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(columns)
+    writer.writerows(zip(*(np.round(v, 5) if v.dtype.kind == "f" else v for v in columns.values()), strict=True))
+    write_atomic(out, table.getvalue())
+    means = ", ".join(f"{k} {v.mean():.4f}" for k, v in scores.items() if k.startswith("bpd"))
+    print(f"wrote {out}: {len(images)} images scored by {checkpoint}; mean bits/dim: {means}")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from farmer.analysis import run_analysis
 
     check_output_path(args.out, "--out", "directory")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
+    checkpoint = checkpoint_path(args)
     result = run_analysis(args.name, checkpoint, args.out, data=args.data, num_images=args.num_images,
                           from_samples=args.from_samples, n_per_cell=args.n_per_cell, seed=args.seed,
                           device=args.device)
@@ -314,12 +431,23 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from farmer.demo import serve
 
-    serve(Path(args.checkpoint) if args.checkpoint else shipped_checkpoint(), args.host, args.port,
+    serve(checkpoint_path(args), args.host, args.port,
           args.device or "cpu")
 
 
-def _add_sampling_arguments(p: argparse.ArgumentParser, n: int | None, n_help: str = "number of images") -> None:
-    p.add_argument("--checkpoint", default=None, help="run or step directory (default: the shipped model)")
+CHECKPOINT_HELP = "run or step directory, or a shipped model's name (default: the shipped mnist)"
+
+
+def _add_model_arguments(p: argparse.ArgumentParser, batch_size: int = 250) -> None:
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser, n: int | None, n_help: str = "number of images",
+                            inverse: bool = True) -> None:
+    _add_model_arguments(p)
     p.add_argument("--n", type=positive_int, default=n, help=n_help)
     p.add_argument("--guidance", type=float, default=None, help="CFG scale w (paper: 2.5); omit for no CFG")
     p.add_argument("--cfg", choices=["resampling", "naive", "none"], default="resampling")
@@ -328,11 +456,24 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, n: int | None, n_help: s
                         "(repeatable; every knob and its default: docs/guidance.md)")
     p.add_argument("--variance-scale", type=float, default=1.0, help="unguided s (paper: 0.9)")
     p.add_argument("--temperature", type=float, default=1.0, help="unguided mixture-weight T (paper: 1.3)")
-    p.add_argument("--inverse", choices=["exact", "jacobi", "distilled"], default="exact",
-                   help="flow inverse: sequential, Jacobi-iterated (same result, parallel over tokens), or the student")
-    p.add_argument("--batch-size", type=positive_int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    if inverse:
+        p.add_argument("--inverse", choices=["exact", "jacobi", "distilled"], default="exact",
+                       help="flow inverse: sequential, Jacobi-iterated (same result, parallel over tokens), or the "
+                            "student")
+
+
+def _add_data_arguments(p: argparse.ArgumentParser, data: str | None = "mnist", what: str = "the data") -> None:
+    p.add_argument("--data", default=data, help=f"{what}: mnist, fashion-mnist, digits or an image folder")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="test", help="the data split")
+
+
+def _add_log_argument(p: argparse.ArgumentParser) -> None:
+    from farmer.tracking import LOGGERS
+
+    p.add_argument("--log", choices=LOGGERS, default="jsonl",
+                   help="tensorboard: also mirror metrics.jsonl and the sample grids to OUT/tensorboard "
+                        "(needs the tensorboard extra)")
 
 
 def _add_train_set_argument(p: argparse.ArgumentParser) -> None:
@@ -376,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, typed by the field (e.g. final_permute=false, informative_channels=4)")
     _add_train_set_argument(p)
+    _add_log_argument(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="train the one-step student of the flow inverse (Algorithm 2)")
@@ -390,33 +532,84 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--device", default=None)
     _add_train_set_argument(p)
+    _add_log_argument(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("sample", help="draw a PNG grid (and optionally an .npz) from a checkpoint")
+    p = sub.add_parser("sample", help="draw a PNG grid and/or an .npz from a checkpoint (sharded under torchrun)")
     _add_sampling_arguments(p, n=None, n_help=f"number of images (default {DEFAULT_SAMPLES}); with --classes a "
                             f"multiple of the class count (default {DEFAULT_SAMPLES} // classes per class)")
     p.add_argument("--classes", default=None, help="e.g. 0-9 or 1,4,7: one grid row per class")
-    p.add_argument("--out", default="samples.png", help="the PNG (or other image format, by extension) grid")
-    p.add_argument("--npz", default=None, help="also write uint8 NHWC images under arr_0")
+    p.add_argument("--out", default=None, help="the PNG (or other image format, by extension) grid (default "
+                   "samples.png; none when only --npz is given)")
+    p.add_argument("--npz", default=None, help="write uint8 NHWC images under arr_0 and labels under labels (the "
+                   "layout FID suites read); under torchrun each rank samples its share")
     p.add_argument("--scale", type=positive_int, default=2, help="upscale the PNG grid by this factor")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="bpd: test bits/dim; fid: FID + precision/recall (Inception); classifier: "
-                       "classifier score, Fréchet distance, class accuracy; distill: student vs exact inverse")
-    p.add_argument("metric", choices=["bpd", "fid", "classifier", "distill"])
-    _add_sampling_arguments(p, n=1000)
-    p.add_argument("--npz", default=None, help="score these samples (arr_0, uint8 NHWC) instead of sampling")
-    p.add_argument("--data", default="mnist")
+    p = sub.add_parser("score", help="per-image bits/dim (exact likelihood) of a data split, image folder or .npz")
+    _add_model_arguments(p, batch_size=256)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", default=None, help="a named data set or an image folder with class subfolders")
+    source.add_argument("--images", default=None, help="a folder of image files (any depth), scored without labels")
+    source.add_argument("--npz", default=None, help="uint8 NHWC images under arr_0 (labels, if any, under labels)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="test", help="the data split scored or compared against")
-    p.add_argument("--max-images", type=positive_int, default=None, help="bpd: evaluate only the first N images")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                   help="bpd on an image folder without train/val subfolders: the held-out share, as in training")
-    p.add_argument("--reference-images", type=positive_int, default=10_000,
-                   help="fid: reference images for statistics")
-    p.add_argument("--raw-weights", action="store_true", help="bpd: use the raw instead of the EMA weights")
-    p.add_argument("--json", default=None, help="also write the result to this file")
-    p.set_defaults(func=cmd_eval)
+    p.add_argument("--split", default="test", help="with --data: the split")
+    p.add_argument("--max-images", type=positive_int, default=None, help="score only the first N images")
+    p.add_argument("--out", default="scores.csv", help="the CSV: index, file or label when known, bpd_unconditional "
+                   "(null class), bpd_conditional (under the label), best_class and bpd_best_class")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint or a sample file (sub-commands: bpd, fid, classifier, "
+                       "distill, ood)")
+    metrics = p.add_subparsers(dest="metric", required=True)
+
+    q = metrics.add_parser("bpd", help="test bits/dim, uniform dequantisation, EMA weights")
+    _add_model_arguments(q)
+    _add_data_arguments(q)
+    q.add_argument("--max-images", type=positive_int, default=None, help="evaluate only the first N images")
+    q.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="an image folder without train/val subfolders: the held-out share, as in training")
+    q.add_argument("--raw-weights", action="store_true", help="use the raw instead of the EMA weights")
+    q.set_defaults(run=eval_bpd)
+
+    q = metrics.add_parser("fid", help="FID and improved precision/recall (TF-Inception) against a data split or an "
+                           "ADM reference batch")
+    _add_sampling_arguments(q, n=1000, n_help="samples to draw (the paper's protocol: 50,000)")
+    q.add_argument("--npz", default=None, help="score these samples (arr_0, uint8 NHWC) instead of sampling")
+    _add_data_arguments(q, what="the reference data (without --ref-stats)")
+    q.add_argument("--reference-images", type=positive_int, default=10_000,
+                   help="reference images for the statistics of --data")
+    q.add_argument("--ref-stats", default=None, help="an ADM reference batch .npz (mu, sigma; arr_0 reference images "
+                   "for precision/recall), e.g. VIRTUAL_imagenet256_labeled.npz")
+    q.add_argument("--precision-recall-images", type=positive_int, default=2_000,
+                   help="samples and reference images for precision/recall (k = 3)")
+    q.set_defaults(run=eval_fid)
+
+    q = metrics.add_parser("classifier", help="classifier score, Fréchet distance in the shipped classifier's "
+                           "features, class accuracy (MNIST, Fashion-MNIST)")
+    _add_sampling_arguments(q, n=1000)
+    q.add_argument("--npz", default=None, help="score these samples (arr_0, uint8 NHWC; labels) instead of sampling")
+    _add_data_arguments(q, what="the classifier's data")
+    q.set_defaults(run=eval_classifier)
+
+    q = metrics.add_parser("distill", help="the distilled inverse against the exact one on the same prior latents")
+    _add_sampling_arguments(q, n=1000, inverse=False)
+    q.add_argument("--data", default="mnist", help="mnist or fashion-mnist: also classifier metrics of both inverses")
+    q.set_defaults(run=eval_distill)
+
+    q = metrics.add_parser("ood", help="out-of-distribution detection by likelihood: AUROC of −log p(x) and of "
+                           "corrected scores")
+    _add_model_arguments(q, batch_size=256)
+    q.add_argument("--in-data", default="mnist", help="the in-distribution data (the model's training data)")
+    q.add_argument("--ood-data", default="fashion-mnist", help="the out-of-distribution data")
+    q.add_argument("--data-root", default=None)
+    q.add_argument("--split", default="test", help="the split of both data sets")
+    q.add_argument("--n", type=positive_int, default=2_000, help="images per side")
+    q.set_defaults(run=eval_ood)
+
+    for q in metrics.choices.values():
+        q.add_argument("--json", default=None, help="also write the result to this file")
+        q.set_defaults(func=_eval_command(q.get_default("run")))
 
     p = sub.add_parser("analyze", help="the paper's analyses as figures (docs/method.md §9)")
     p.add_argument("name", choices=["separation", "variance", "logdet", "unguided"])

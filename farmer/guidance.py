@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import torch
 from torch import Tensor
 
-from farmer.mixture import DiagonalMixture
+from farmer.mixture import DiagonalMixture, gumbel_noise, pick_components
 
 # Stand-in for ±inf log-weights: finite, so the softmax over a pool never sees inf − inf.
 _LOG_WEIGHT_BOUND = 1e30
@@ -222,8 +222,7 @@ def _distinct_picks(log_w: Tensor, num_draws: int, generator: torch.Generator | 
     """num_draws distinct indices per row of log_w (rows, P), drawn sequentially without replacement with
     probabilities ∝ e^{log_w} among those left (Gumbel-top-k), in random order: top-k returns them by
     decreasing key, and the key order must not become a token order."""
-    uniform = torch.rand(log_w.shape, generator=generator, device=log_w.device).clamp_min(torch.finfo().tiny)
-    keys = log_w - (-uniform.log()).log()  # log-weight + Gumbel noise
+    keys = log_w + gumbel_noise(log_w.shape, generator, log_w.device)
     top = keys.topk(num_draws, dim=-1).indices
     order = torch.rand(top.shape, generator=generator, device=top.device).argsort(dim=-1)
     return top.gather(-1, order)
@@ -287,8 +286,8 @@ def naive_cfg_sample(
     batch, rows, d = cond.batch_shape, math.prod(cond.batch_shape), cond.dim
     if rows == 0:
         return cond.means.new_zeros(*batch, d)
-    probs = torch.softmax(cond.logits, dim=-1).reshape(rows, cond.num_components)
-    pick = torch.multinomial(probs, 1, replacement=True, generator=generator)
+    # The component draw of DiagonalMixture.sample (Gumbel-max), so w = 0 is exactly cond.sample().
+    pick = pick_components(cond.logits, gumbel_noise(cond.logits.shape, generator, cond.logits.device))
     index = pick.view(*batch, 1, 1).expand(*batch, 1, d)
 
     def component(t: Tensor) -> Tensor:

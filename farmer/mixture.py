@@ -26,6 +26,21 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+    """Standard Gumbel noise −log(−log U) (fp32): argmax(logits + G) over the last dim is a draw from
+    softmax(logits) (the Gumbel-max trick). A draw is a few elementwise ops and an argmax, with none of
+    ``torch.multinomial``'s per-call validation, which dominated the AR prior's per-token draw at batch 1.
+    U = 0 is clamped to the smallest normal float so G stays finite."""
+    uniform = torch.rand(shape, generator=generator, device=device).clamp_min(torch.finfo(torch.float32).tiny)
+    return uniform.log().neg().log().neg()
+
+
+def pick_components(logits: Tensor, gumbel: Tensor) -> Tensor:
+    """Component indices argmax(logits + gumbel) over the last dim: distributed as softmax(logits)."""
+    return (logits + gumbel).argmax(dim=-1)
+
+
 @dataclass(frozen=True, eq=False)
 class DiagonalMixture:
     """A batch of K-component diagonal Gaussian mixtures over D dims.
@@ -60,6 +75,16 @@ class DiagonalMixture:
             raise ValueError(f"need K >= 1 and D >= 1, got K={self.num_components}, D={self.dim}")
         if not (self.logits.device == self.means.device == self.scales.device):
             raise ValueError("logits, means and scales must be on one device")
+
+    @classmethod
+    def _derived(cls, logits: Tensor, means: Tensor, scales: Tensor) -> DiagonalMixture:
+        """A mixture whose parameters come from a checked one (or a :class:`MixtureHead`) by fp32 arithmetic,
+        slicing or broadcasting, so they pass the checks by construction: skips ``__post_init__``, which costs
+        more than the arithmetic when guidance builds several mixtures per token."""
+        mix = object.__new__(cls)
+        for name, value in (("logits", logits), ("means", means), ("scales", scales)):
+            object.__setattr__(mix, name, value)
+        return mix
 
     @property
     def num_components(self) -> int:
@@ -101,33 +126,42 @@ class DiagonalMixture:
 
     # Sampling ----------------------------------------------------------------------------------------
     def sample(self, sample_shape: tuple[int, ...] = (), generator: torch.Generator | None = None) -> Tensor:
-        """Draw (*sample_shape, *batch, D): a component from softmax(logits), then mean + scale · ε.
+        """Draw (*sample_shape, *batch, D): a component from softmax(logits), then mean + scale · ε
+        (:meth:`sample_with` of fresh Gumbel and Gaussian noise, drawn in that order).
 
         Finite whenever the parameters are: no rejection or redraw step is involved.
         """
         sample_shape = tuple(sample_shape)
         if any(int(s) < 0 for s in sample_shape):
             raise ValueError(f"sample_shape must be non-negative, got {sample_shape}")
-        num_samples = math.prod(sample_shape)
+        shape = (*sample_shape, *self.batch_shape)
+        device = self.logits.device
+        gumbel = gumbel_noise((*shape, self.num_components), generator, device)
+        eps = torch.randn((*shape, self.dim), generator=generator, device=device)
+        return self.sample_with(gumbel, eps)
+
+    def sample_with(self, gumbel: Tensor, eps: Tensor) -> Tensor:
+        """The draw as a function of its noise: component k = argmax(logits + gumbel) (Gumbel-max, so k ~
+        softmax(logits) for standard Gumbel noise), then means[k] + scales[k] · eps.
+
+        gumbel (*S, *batch, K) and eps (*S, *batch, D), S any sample dims -> (*S, *batch, D).
+        """
         k, d = self.num_components, self.dim
-        out_shape = (*sample_shape, *self.batch_shape, d)
-        rows = math.prod(self.batch_shape)
-        if num_samples == 0 or rows == 0:
-            return self.means.new_zeros(out_shape)
-        probs = torch.softmax(self.logits, dim=-1).reshape(rows, k)
-        comp = torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # (rows, S)
-        # gather, not reshape: the parameters may be a broadcast view (expand_tokens) that must not be copied.
-        index = comp.view(*self.batch_shape, num_samples, 1).expand(*self.batch_shape, num_samples, d)
-        mean = self.means.gather(-2, index)
-        scale = self.scales.gather(-2, index)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + scale * eps).movedim(-2, 0).reshape(out_shape)
+        shape = eps.shape[:-1]
+        if gumbel.shape != (*shape, k) or eps.shape[-1] != d:
+            raise ValueError(f"noise (..., K={k}) and (..., D={d}) with equal leading dims expected, got "
+                             f"{tuple(gumbel.shape)} and {tuple(eps.shape)}")
+        index = pick_components(self.logits, gumbel)[..., None, None].expand(*shape, 1, d)
+        # gather from broadcast views: the parameters may themselves be views (expand_tokens), never copied.
+        mean = self.means.expand(*shape, k, d).gather(-2, index).squeeze(-2)
+        scale = self.scales.expand(*shape, k, d).gather(-2, index).squeeze(-2)
+        return mean + scale * eps
 
     def tempered(self, weight_temperature: float = 1.0, std_scale: float = 1.0) -> DiagonalMixture:
         """logits / weight_temperature (T > 1 flattens the weights), every std times std_scale."""
         _check_positive("weight_temperature", weight_temperature)
         _check_positive("std_scale", std_scale)
-        return DiagonalMixture(self.logits / weight_temperature, self.means, self.scales * std_scale)
+        return DiagonalMixture._derived(self.logits / weight_temperature, self.means, self.scales * std_scale)
 
     def decoupled(self, variance_scale: float = 1.0, temperature: float = 1.0) -> DiagonalMixture:
         """Decoupled unguided sampling (supplementary §7): the Gaussian VARIANCE times s (s < 1 sharpens),
@@ -148,7 +182,7 @@ class DiagonalMixture:
             consumed += item.ndim if isinstance(item, Tensor) and item.dtype == torch.bool else 1
         if consumed > len(self.batch_shape):
             raise IndexError(f"{consumed} indices for a mixture with batch shape {tuple(self.batch_shape)}")
-        return DiagonalMixture(self.logits[idx], self.means[idx], self.scales[idx])
+        return DiagonalMixture._derived(self.logits[idx], self.means[idx], self.scales[idx])
 
     def chunk(self, chunks: int, dim: int = 0) -> tuple[DiagonalMixture, ...]:
         """Split batch dim ``dim`` like Tensor.chunk (e.g. the conditional and null halves of a 2B batch)."""
@@ -162,7 +196,7 @@ class DiagonalMixture:
             self.scales.chunk(chunks, dim),
             strict=True,
         )
-        return tuple(DiagonalMixture(*p) for p in parts)
+        return tuple(DiagonalMixture._derived(*p) for p in parts)
 
     def expand_tokens(self, num_tokens: int) -> DiagonalMixture:
         """(*batch) -> (*batch, num_tokens): one mixture shared by num_tokens tokens (a view, no copy), e.g.
@@ -171,7 +205,7 @@ class DiagonalMixture:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         nb = len(self.batch_shape)
         k, d = self.num_components, self.dim
-        return DiagonalMixture(
+        return DiagonalMixture._derived(
             self.logits.unsqueeze(nb).expand(*self.batch_shape, num_tokens, k),
             self.means.unsqueeze(nb).expand(*self.batch_shape, num_tokens, k, d),
             self.scales.unsqueeze(nb).expand(*self.batch_shape, num_tokens, k, d),
@@ -213,14 +247,27 @@ class MixtureHead(nn.Module):
 
     def forward(self, h: Tensor) -> DiagonalMixture:
         """h (*batch, width) -> mixture with batch shape *batch."""
+        out = self._project(h)
+        k, d = self.components, self.dim
+        logits = out[..., :k]
+        means = out[..., k : k + k * d].unflatten(-1, (k, d))
+        scales = self.min_scale + F.softplus(out[..., k + k * d :].unflatten(-1, (k, d)))
+        return DiagonalMixture._derived(logits, means, scales)
+
+    def sample_with(self, h: Tensor, gumbel: Tensor, eps: Tensor) -> Tensor:
+        """``self(h).sample_with(gumbel, eps)`` (batch dims only, no sample dims) without building the mixture:
+        the component is picked from the logits, then only its mean and raw scale are read off the output."""
+        out = self._project(h)
+        k, d = self.components, self.dim
+        index = pick_components(out[..., :k], gumbel)[..., None, None, None].expand(*h.shape[:-1], 2, 1, d)
+        mean, raw_scale = out[..., k:].unflatten(-1, (2, k, d)).gather(-2, index).squeeze(-2).unbind(-2)
+        return mean + (self.min_scale + F.softplus(raw_scale)) * eps
+
+    def _project(self, h: Tensor) -> Tensor:
+        """The fp32 output row [K logits | K·dim means | K·dim raw scales] of h (*batch, width)."""
         if h.ndim < 1 or h.shape[-1] != self.width:
             raise ValueError(f"h must be (*batch, {self.width}), got shape {tuple(h.shape)}")
         # fp32 even under autocast: bf16 would quantise the means to ~3 significant digits, coarser than the
         # small scales the mixtures learn; the head is one small matmul (docs/method.md §4).
         with torch.autocast(device_type=h.device.type, enabled=False):
-            out = F.linear(h.float(), self.proj.weight.float(), self.proj.bias.float())
-        k, d = self.components, self.dim
-        logits = out[..., :k]
-        means = out[..., k : k + k * d].unflatten(-1, (k, d))
-        scales = self.min_scale + F.softplus(out[..., k + k * d :].unflatten(-1, (k, d)))
-        return DiagonalMixture(logits, means, scales)
+            return F.linear(h.float(), self.proj.weight.float(), self.proj.bias.float())

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from farmer.channels import dct_basis
 from farmer.config import FarmerConfig
-from farmer.distill import DistilledInverse
-from farmer.flow import AutoregressiveFlow
+from farmer.flow import AutoregressiveFlow, DistilledInverse
 from farmer.prior import ARPrior, Guidance, StandardNormalPrior
 
 
@@ -34,6 +33,17 @@ class Farmer(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def attach_student(self, student: DistilledInverse) -> Farmer:
+        """Attach a one-step student of the flow inverse (docs/method.md §7), replacing any, and set
+        ``config.distilled_inverse`` so checkpoints and ``inverse="distilled"`` agree with the weights.
+        :func:`farmer.distill.attach_new_student` builds one from this model's flow (Algorithm 2's start)."""
+        if len(student.blocks) != len(self.flow.blocks):
+            raise ValueError(f"the student has {len(student.blocks)} blocks, the flow {len(self.flow.blocks)}")
+        self.student = student
+        self.config = self.config.replace(distilled_inverse=True)
+        return self
+
 
     # Pixels <-> tokens -------------------------------------------------------------------------------
     def patchify(self, x: Tensor) -> Tensor:

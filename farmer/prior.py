@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from farmer.config import FarmerConfig
 from farmer.guidance import NaiveGuidance, ResamplingGuidance, guided_sample, resampling_cfg_sample_shared
-from farmer.mixture import DiagonalMixture, MixtureHead
+from farmer.mixture import LOG_2PI, DiagonalMixture, MixtureHead, gumbel_noise
 from farmer.nn import Transformer
 
 Guidance = ResamplingGuidance | NaiveGuidance
-LOG_2PI = math.log(2 * math.pi)
 
 
 class ARPrior(nn.Module):
@@ -78,6 +78,21 @@ class ARPrior(nn.Module):
         # One mixture per image, shared by its N redundant vectors: put tokens on a leading sample dim.
         return log_p + redundant_mix.log_prob(redundant.transpose(0, 1)).sum(dim=0)
 
+    def sampling_noise(self, batch: int, generator: torch.Generator | None = None, variance_scale: float = 1.0,
+                       temperature: float = 1.0, device: torch.device | str | None = None) -> SamplingNoise:
+        """Every random number of one unguided :meth:`sample`, drawn up front in this order (no step of the
+        loop draws any). The decoupled knobs of supplementary §7 act on the noise, not on the mixtures:
+        argmax(logits/T + G) = argmax(logits + T·G) and √s·σ·ε = σ·(√s·ε) (:meth:`DiagonalMixture.sample_with`)."""
+        n = self.num_tokens
+        redundant_components = 0 if self.redundant_head is None else self.redundant_head.components
+        std = math.sqrt(variance_scale)
+        return SamplingNoise(
+            gumbel_noise((n, batch, self.informative_head.components), generator, device) * temperature,
+            torch.randn(n, batch, self.informative_dim, generator=generator, device=device) * std,
+            gumbel_noise((n, batch, redundant_components), generator, device) * temperature,
+            torch.randn(n, batch, self.redundant_dim, generator=generator, device=device) * std,
+        )
+
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator | None = None, guidance: Guidance | None = None,
                variance_scale: float = 1.0, temperature: float = 1.0,
@@ -85,50 +100,63 @@ class ARPrior(nn.Module):
         """Draw (Z^I (B, N, d_I), Z^R (B, N, d_R)) token by token through a preallocated KV cache.
 
         Without guidance the mixtures are sampled with the decoupled knobs of supplementary §7: the
-        Gaussian variance times ``variance_scale`` (s) and the logits divided by ``temperature`` (T).
-        With guidance the conditional and null-class branches run as one batch of 2B and each token is
-        drawn by ``guided_sample`` (docs/method.md §6); its own proposal temperatures apply.
+        Gaussian variance times ``variance_scale`` (s) and the logits divided by ``temperature`` (T), from
+        noise drawn up front (:meth:`sampling_noise`). With guidance the conditional and null-class branches
+        run as one batch of 2B and each token is drawn by ``guided_sample`` (docs/method.md §6); its own
+        proposal temperatures apply.
         """
-        batch = labels.shape[0]
-        guided = guidance is not None
-        if guided:
+        batch, n = labels.shape[0], self.num_tokens
+        if guidance is not None:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+            noise = None
+        else:
+            noise = self.sampling_noise(batch, generator, variance_scale, temperature, labels.device)
 
-        def draw(mix: DiagonalMixture) -> Tensor:
-            if guided:
-                cond, uncond = mix.chunk(2)
-                return guided_sample(cond, uncond, guidance, generator)
-            return mix.decoupled(variance_scale, temperature).sample(generator=generator)
+        def draw(head: MixtureHead, h: Tensor, token_noise: tuple[Tensor, Tensor] | None) -> Tensor:
+            if token_noise is not None:
+                return head.sample_with(h, *token_noise)
+            cond, uncond = head(h).chunk(2)
+            return guided_sample(cond, uncond, guidance, generator)
 
+        decoder = self.transformer.decoder()
         cache = self.transformer.allocate_cache(labels.shape[0], labels.device, self.pos.dtype)
-        informative = torch.empty(batch, self.num_tokens, self.informative_dim, device=labels.device,
-                                  dtype=self.pos.dtype)
-        redundant = informative.new_zeros(batch, self.num_tokens, self.redundant_dim)
+        informative = torch.empty(batch, n, self.informative_dim, device=labels.device, dtype=self.pos.dtype)
+        redundant = informative.new_zeros(batch, n, self.redundant_dim)
         h = self.transformer(self._condition(labels), causal=True, cache=cache)[:, -1]
-        for i in range(self.num_tokens):
-            informative[:, i] = draw(self.informative_head(h))
-            if i + 1 < self.num_tokens or self.redundant_head is not None:
-                step = informative[:, i].repeat(2, 1) if guided else informative[:, i]
-                x = self.proj_in(step) + self.pos[self.repeat + i]
-                h = self.transformer(x[:, None], causal=True, cache=cache)[:, -1]
+        for i in range(n):
+            informative[:, i] = draw(self.informative_head, h, None if noise is None else noise.informative(i))
+            if i + 1 < n or self.redundant_head is not None:
+                x = self.proj_in(informative[:, i]) + self.pos[self.repeat + i]
+                h = decoder.step(x if noise is not None else torch.cat([x, x]), cache)
             if self.per_token_redundant and self.redundant_head is not None:
-                redundant[:, i] = draw(self.redundant_head(h))
+                redundant[:, i] = draw(self.redundant_head, h, None if noise is None else noise.redundant(i))
             if progress is not None:
                 progress(1)
         if self.redundant_head is None or self.per_token_redundant:
             return informative, redundant
         mix = self.redundant_head(h)
-        if guided:
-            cond, uncond = mix.chunk(2)
-            if isinstance(guidance, ResamplingGuidance):
-                redundant = resampling_cfg_sample_shared(cond, uncond, self.num_tokens, guidance, generator)
-            else:
-                redundant = guided_sample(cond.expand_tokens(self.num_tokens), uncond.expand_tokens(self.num_tokens),
-                                          guidance, generator)
-        else:
-            mix = mix.decoupled(variance_scale, temperature)
-            redundant = mix.sample((self.num_tokens,), generator=generator).transpose(0, 1)
-        return informative, redundant
+        if noise is not None:  # N draws of the one shared mixture: sample dim N first
+            return informative, mix.sample_with(noise.redundant_gumbel, noise.redundant_eps).transpose(0, 1)
+        cond, uncond = mix.chunk(2)
+        if isinstance(guidance, ResamplingGuidance):
+            return informative, resampling_cfg_sample_shared(cond, uncond, n, guidance, generator)
+        return informative, guided_sample(cond.expand_tokens(n), uncond.expand_tokens(n), guidance, generator)
+
+
+class SamplingNoise(NamedTuple):
+    """The noise of one unguided AR draw (:meth:`ARPrior.sampling_noise`), token-major: Gumbel noise (N, B, K)
+    and Gaussian noise (N, B, D) for the informative and then the redundant mixtures."""
+
+    informative_gumbel: Tensor
+    informative_eps: Tensor
+    redundant_gumbel: Tensor
+    redundant_eps: Tensor
+
+    def informative(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.informative_gumbel[i], self.informative_eps[i]
+
+    def redundant(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.redundant_gumbel[i], self.redundant_eps[i]
 
 
 class StandardNormalPrior(nn.Module):

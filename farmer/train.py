@@ -14,9 +14,8 @@ import contextlib
 import copy
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from farmer.checkpoint import (
@@ -35,7 +34,6 @@ from farmer.checkpoint import (
     OPTIMIZER,
     TRAINER,
     first_nonfinite,
-    load_model,
     load_state_into,
     load_weights,
     lock_run_directory,
@@ -54,10 +52,23 @@ from farmer.data import (
     model_to_pixels,
 )
 from farmer.distill import DistillationObjective
-from farmer.evaluation import evaluate_bpd, student_psnr
+from farmer.distributed import (
+    Runtime,
+    full_optimizer_state,
+    full_state,
+    gather_objects,
+    init_runtime,
+    is_sharded,
+    load_optimizer_state,
+    wrap_distributed,
+)
 from farmer.images import save_grid
+from farmer.io import count_parameters
 from farmer.model import Farmer
 from farmer.nn import autocast_dtype
+from farmer.objective import LikelihoodObjective, Objective
+from farmer.sampling import DEFAULT_SAMPLING, SamplingOptions, batch_generator
+from farmer.tracking import MetricsMirror, open_mirror
 
 
 @dataclass(frozen=True)
@@ -201,86 +212,17 @@ class StepSampler(Sampler[list[int]]):
             yield from (chunk.tolist() for chunk in local.chunk(self.cfg.grad_accum))
 
 
-# Distributed ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Runtime:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_runtime(device: str | None = None) -> Runtime:
-    """Single process, or the process group that ``torchrun`` describes in the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank)
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        return Runtime(dist.get_rank(), world, dev)
-    return Runtime(0, 1, dev)
-
-
-def wrap_distributed(objective: nn.Module, model: Farmer, ema: Farmer, cfg: TrainConfig, rt: Runtime) -> nn.Module:
-    """DDP replicates the objective; FSDP shards each flow (and student) block and prior layer of the model
-    and its EMA, and the objective then runs on the sharded modules."""
-    if rt.world == 1:
-        return objective
-    if cfg.sharding == "ddp":
-        return nn.parallel.DistributedDataParallel(objective, device_ids=[rt.device] if rt.device.type == "cuda"
-                                                   else None)
-    from torch.distributed.fsdp import fully_shard
-
-    for module in (model, ema):
-        students = [] if module.student is None else list(module.student.blocks)
-        for block in [*module.flow.blocks, *students]:
-            fully_shard(block)
-        if hasattr(module.prior, "transformer"):
-            for layer in module.prior.transformer.layers:
-                fully_shard(layer)
-        fully_shard(module)
-    return objective
-
-
-def full_state(module: nn.Module, rt: Runtime, cfg: TrainConfig) -> dict[str, Tensor]:
-    if rt.world > 1 and cfg.sharding == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 # Evaluation ----------------------------------------------------------------------------------------
-def sample_grid(model: Farmer, path: Path, per_class: int = 8, seed: int = 0, **sample_kwargs: Any) -> Path:
-    """A PNG grid of samples: one row per class (or 8 rows unconditional), fixed seed."""
+def sample_grid(model: Farmer, path: Path, per_class: int = 8,
+                options: SamplingOptions = DEFAULT_SAMPLING) -> Path:
+    """A PNG grid of samples: one row per class (or 8 rows unconditional), one batch seeded by ``options.seed``."""
     cfg = model.config
     rows = min(cfg.num_classes, 10) if cfg.conditional else 8
     labels = torch.arange(rows).repeat_interleave(per_class) if cfg.conditional else None
     device = model.device
-    generator = torch.Generator(device).manual_seed(seed)
-    images = model.sample(rows * per_class, None if labels is None else labels.to(device), generator,
-                          **sample_kwargs)
+    images = options.sample(model, rows * per_class, None if labels is None else labels.to(device),
+                            batch_generator(options.seed, 0, device))
     return save_grid(model_to_pixels(images), path, nrow=per_class, scale=2)
-
-
-def start_student_from_teacher(model: Farmer, teacher_dir: str | Path, ema: bool = True) -> None:
-    """Copy a trained teacher's (EMA or raw) weights into ``model`` and initialise its student from the
-    teacher flow."""
-    teacher = load_model(teacher_dir, ema=ema)
-    if teacher.config.replace(distilled_inverse=True) != model.config:
-        raise ValueError(f"teacher {teacher_dir} does not match the model config to distil")
-    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("student.")}
-    model.load_state_dict(state, strict=False)
-    model.student.load_state_dict(teacher.flow.state_dict())
 
 
 # Training ------------------------------------------------------------------------------------------
@@ -326,8 +268,8 @@ def _check_resume_config(run_dir: Path, model_config: FarmerConfig) -> None:
 class MetricsLog:
     """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int, enabled: bool, mirror: MetricsMirror | None = None) -> None:
+        self.path, self.enabled, self.mirror = path, enabled, mirror  # mirror: e.g. TensorBoard (farmer.tracking)
         if enabled and path.exists():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             kept = []
@@ -346,18 +288,89 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.mirror is not None:
+                self.mirror.write(record)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or Inf; nothing after the last finite checkpoint was saved."""
 
 
+# Objectives and the step ---------------------------------------------------------------------------
+def make_objective(cfg: TrainConfig) -> Objective:
+    """``cfg.objective`` as an :class:`~farmer.objective.Objective`."""
+    if cfg.objective == "distill":
+        return DistillationObjective(cfg.teacher, teacher_ema=cfg.teacher_weights == "ema")
+    return LikelihoodObjective()
+
+
+def ema_decay_at(step: int, cfg: TrainConfig) -> float:
+    """The EMA decay at ``step``, warmed up: early on, the average would be dominated by the initial weights."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step's logged numbers, left on the device: reading one (``.item()``, ``float()``) syncs."""
+
+    loss: Tensor  # the loss averaged over the micro-batches (detached; this rank's)
+    grad_norm: Tensor  # the total gradient norm before clipping
+
+
+def _accumulating(net: Callable[..., Any], last: bool) -> contextlib.AbstractContextManager[Any]:
+    # DDP all-reduces gradients in every backward unless told not to: only the last micro-batch needs it.
+    ddp = getattr(net, "_orig_mod", net)  # under torch.compile
+    if last or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+@torch.no_grad()
+def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    # Frozen weights are skipped: their average is the weights themselves.
+    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+        if p.requires_grad:
+            p_ema.lerp_(p, 1 - decay)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: Sequence[tuple[Tensor, Tensor | None]], *, grad_clip: float,
+               ema: nn.Module | None = None, ema_decay: float = 0.0, amp: torch.dtype | None = None,
+               loss: Callable[[Tensor, Tensor | None], tuple[Tensor, Any]] | None = None) -> StepResult:
+    """One optimisation step as the trainer runs it: forward and backward of each (images, labels) micro-batch
+    (gradients accumulate; each loss weighs 1/len(micro_batches)), gradient clipping to ``grad_clip``, the
+    optimizer step at the learning rate its groups hold, and the EMA update ``ema ← ema + (1 − ema_decay)·(model
+    − ema)`` when an ``ema`` (a copy of ``model``) is given. Nothing here syncs with the device.
+
+    ``model``: the module whose trainable (``requires_grad``) parameters the optimizer steps. ``loss``: what maps
+    (images, labels) to (loss, …): the objective's module over ``model``, DDP-wrapped and/or compiled (only the
+    last micro-batch all-reduces); default ``model`` itself (the likelihood, docs/method.md §5). ``amp``: the
+    autocast dtype (None: no autocast)."""
+    net = model if loss is None else loss
+    model.train()
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for index, (x, y) in enumerate(micro_batches):
+        with _accumulating(net, index == len(micro_batches) - 1), \
+                torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            value, _ = net(x, y)
+        (value / len(micro_batches)).backward()
+        total += value.detach() / len(micro_batches)
+    grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        _update_ema(ema, model, ema_decay)
+    return StepResult(total, grad_norm)
+
+
 def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, device: str | None = None,
-          progress: bool = True, log: Callable[[str], None] = print, stop_at: int | None = None) -> dict[str, Any]:
+          progress: bool = True, log: Callable[[str], None] = print, stop_at: int | None = None,
+          logger: str = "jsonl") -> dict[str, Any]:
     """Train (or resume, if ``out_dir`` holds a checkpoint) and return the last logged metrics.
 
     ``stop_at`` ends this invocation after that step (saving a checkpoint there) without changing the
-    schedule, which stays defined by ``cfg.steps``: for time-boxed jobs that resume later.
+    schedule, which stays defined by ``cfg.steps``: for time-boxed jobs that resume later. ``logger``
+    "tensorboard" mirrors metrics.jsonl and the sample grids to ``out_dir/tensorboard`` (farmer.tracking).
 
     The main process holds the run directory's lock throughout (a second trainer fails at once). A NaN or
     Inf loss (or weights) raises TrainingDiverged at the next logging, evaluation or save step, before
@@ -366,11 +379,11 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
     """
     rt = init_runtime(device)
     with lock_run_directory(out_dir) if rt.main else contextlib.nullcontext():
-        return _train(rt, model_config, cfg, Path(out_dir), progress, log, stop_at)
+        return _train(rt, model_config, cfg, Path(out_dir), progress, log, stop_at, logger)
 
 
-def _train(rt: Runtime, model_config: FarmerConfig, cfg: TrainConfig, out: Path, progress: bool,
-           log: Callable[[str], None], stop_at: int | None) -> dict[str, Any]:
+def _datasets(model_config: FarmerConfig, cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """The training and test sets of ``cfg.data``, checked against the model's image shape and classes."""
     info = dataset_info(cfg.data, model_config.image_size)
     if (info.channels, info.image_size) != (model_config.channels, model_config.image_size):
         raise ValueError(f"data {cfg.data!r} has {info.channels}×{info.image_size}² images but the model expects "
@@ -379,186 +392,189 @@ def _train(rt: Runtime, model_config: FarmerConfig, cfg: TrainConfig, out: Path,
         raise ValueError(f"data {cfg.data!r} has {info.num_classes} classes but the model has "
                          f"{model_config.num_classes}")
     train_set = make_dataset(cfg.data, "train", cfg.data_root, model_config.image_size, cfg.val_fraction)
-    eval_set = make_dataset(cfg.data, "test", cfg.data_root, model_config.image_size, cfg.val_fraction)
+    return train_set, make_dataset(cfg.data, "test", cfg.data_root, model_config.image_size, cfg.val_fraction)
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = Farmer(model_config).to(rt.device)
-    distilling = cfg.objective == "distill"
-    if distilling:
-        if model.student is None:
-            raise ValueError("objective='distill' needs a model config with distilled_inverse=True")
-        if not (out / "LATEST").is_file():
-            start_student_from_teacher(model, cfg.teacher, ema=cfg.teacher_weights == "ema")
-        # Algorithm 2: the teacher flow and the AR prior stay frozen; only the student learns.
-        model.flow.requires_grad_(False)
-        model.prior.requires_grad_(False)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    noise_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rt.rank)
-    torch.manual_seed(cfg.seed * 104_729 + rt.rank)  # label dropout differs across ranks, as data does
 
-    start_step, trainer_state, step_dir = 0, None, None
-    if (out / "LATEST").is_file():
-        _check_resume_config(out, model_config)
-        step_dir = resolve_checkpoint(out)
-        load_state_into(model, load_weights(step_dir / MODEL_WEIGHTS), step_dir / MODEL_WEIGHTS)
-        load_state_into(ema, load_weights(step_dir / EMA_WEIGHTS), step_dir / EMA_WEIGHTS)
-        trainer_state = json.loads((step_dir / TRAINER).read_text())
-        _set_rng_state(trainer_state["rng"][rt.rank], noise_generator)
-        start_step = trainer_state["step"]
-        if rt.main:
-            log(f"resuming {out} from step {start_step}")
-
-    net = wrap_distributed(DistillationObjective(model) if distilling else model, model, ema, cfg, rt)
-    sharded = rt.world > 1 and cfg.sharding == "fsdp"
-    # Created after wrapping: FSDP replaces the parameters with sharded ones.
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    if trainer_state is not None:
-        optim_state = unflatten_optimizer_state(load_weights(step_dir / OPTIMIZER), trainer_state["optimizer"])
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(optim_state)
-    forward = torch.compile(net) if cfg.compile else net
-    amp = autocast_dtype(rt.device) if cfg.precision == "auto" else (torch.bfloat16 if cfg.precision == "bf16"
-                                                                      else None)
-    # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
-    loader = DataLoader(train_set, batch_sampler=StepSampler(len(train_set), cfg, start_step, rt.rank, rt.world),
-                        num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    batches = iter(loader)
-    metrics_log = MetricsLog(out / "metrics.jsonl", start_step, rt.main)
-    config_record = {"model": model_config.to_dict(), "train": cfg.to_dict()}
+def _train(rt: Runtime, model_config: FarmerConfig, cfg: TrainConfig, out: Path, progress: bool,
+           log: Callable[[str], None], stop_at: int | None, logger: str = "jsonl") -> dict[str, Any]:
+    train_set, eval_set = _datasets(model_config, cfg)
+    session = _Session(rt, model_config, cfg, out, eval_set, log, logger)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"model {model_config.name}: {n_params / 1e6:.2f}M parameters, {rt.world} process(es) on "
-            f"{rt.device}, {len(train_set)} training images")
+        log(f"model {model_config.name}: {count_parameters(session.model) / 1e6:.2f}M parameters, {rt.world} "
+            f"process(es) on {rt.device}, {len(train_set)} training images")
+    return session.run(train_set, progress, stop_at)
 
-    def stop_if_diverged(step: int, *states: dict[str, Tensor]) -> None:
+
+class _Session:
+    """One invocation of the trainer: the model, its EMA and optimizer (new, or restored from the newest
+    checkpoint), the loop (:meth:`run`), and what it logs, evaluates and saves. Whatever depends on the
+    objective is asked of ``self.objective``."""
+
+    def __init__(self, rt: Runtime, model_config: FarmerConfig, cfg: TrainConfig, out: Path, eval_set: Dataset,
+                 log: Callable[[str], None], logger: str) -> None:
+        self.rt, self.model_config, self.cfg, self.out, self.eval_set = rt, model_config, cfg, out, eval_set
+        self.objective = make_objective(cfg)
+        resuming = (out / LATEST).is_file()
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.model = self.objective.build_model(model_config, resuming).to(rt.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.noise_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rt.rank)
+        torch.manual_seed(cfg.seed * 104_729 + rt.rank)  # label dropout differs across ranks, as data does
+        restored = self._restore(log) if resuming else None
+        self.start_step = 0 if restored is None else restored[0]["step"]
+        self.net = wrap_distributed(self.objective.loss_module(self.model), self.model, self.ema, cfg.sharding, rt)
+        # Created after wrapping: FSDP replaces the parameters with sharded ones.
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2))
+        if restored is not None:
+            trainer_state, step_dir = restored
+            optim_state = unflatten_optimizer_state(load_weights(step_dir / OPTIMIZER), trainer_state["optimizer"])
+            load_optimizer_state(self.model, self.optimizer, optim_state, rt, cfg.sharding)
+        self.forward = torch.compile(self.net) if cfg.compile else self.net
+        self.amp = autocast_dtype(rt.device) if cfg.precision == "auto" else (
+            torch.bfloat16 if cfg.precision == "bf16" else None)
+        self.metrics_log = MetricsLog(out / "metrics.jsonl", self.start_step, rt.main,
+                                      open_mirror(logger, out, self.start_step) if rt.main else None)
+        self.config_record = {"model": model_config.to_dict(), "train": cfg.to_dict()}
+        # The first (1-based) step whose loss was NaN or Inf, 0 if none: kept on the device, so recording it
+        # costs no sync; _stop_if_diverged() reads it where the loop syncs anyway.
+        self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=rt.device)
+        self.tick = (time.perf_counter(), self.start_step)  # throughput since the last logging step
+
+    def _restore(self, log: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
+        """Load the newest checkpoint's weights, EMA and RNG states; return its trainer state and directory."""
+        _check_resume_config(self.out, self.model_config)
+        step_dir = resolve_checkpoint(self.out)
+        load_state_into(self.model, load_weights(step_dir / MODEL_WEIGHTS), step_dir / MODEL_WEIGHTS)
+        load_state_into(self.ema, load_weights(step_dir / EMA_WEIGHTS), step_dir / EMA_WEIGHTS)
+        trainer_state = json.loads((step_dir / TRAINER).read_text())
+        _set_rng_state(trainer_state["rng"][self.rt.rank], self.noise_generator)
+        if self.rt.main:
+            log(f"resuming {self.out} from step {trainer_state['step']}")
+        return trainer_state, step_dir
+
+    def run(self, train_set: Dataset, progress: bool, stop_at: int | None) -> dict[str, Any]:
+        """Train from ``start_step`` to ``cfg.steps`` (or ``stop_at``); return the last logged metrics."""
+        cfg, rt = self.cfg, self.rt
+        # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
+        loader = DataLoader(train_set, batch_sampler=StepSampler(len(train_set), cfg, self.start_step, rt.rank,
+                                                                 rt.world),
+                            num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        batches = iter(loader)
+        bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not (progress and rt.main), dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        for step in range(self.start_step, cfg.steps):
+            result, lr, noise_std = self._step(step, batches)
+            done = step + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                last = self._log_step(done, result, lr, noise_std, bar)
+            if done % cfg.eval_every == 0 or done % cfg.sample_every == 0 or done == cfg.steps:
+                record, key = self._evaluate(done), self.objective.eval_key
+                if key in record:
+                    last[key] = record[key]
+                    bar.write(f"step {done}: {self.objective.eval_label} {record[key]:.4f}")
+            stopping = stop_at is not None and done >= stop_at
+            if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+                self._save(done)
+            if rt.world > 1:
+                dist.barrier()
+            if stopping:
+                break
+        bar.close()
+        if self.metrics_log.mirror is not None:
+            self.metrics_log.mirror.close()
+        return last
+
+    def _step(self, step: int, batches: Iterator[list[Tensor]]) -> tuple[StepResult, float, float]:
+        """Step ``step`` (0-based) at its learning rate and dequantisation noise: (result, lr, noise std)."""
+        cfg, model_config = self.cfg, self.model_config
+        lr = learning_rate(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        noise_std = gaussian_noise_std(step, cfg.steps, model_config.noise_std_start, model_config.noise_std_end)
+        micro_batches = [self._micro_batch(next(batches), noise_std) for _ in range(cfg.grad_accum)]
+        result = train_step(self.model, self.optimizer, micro_batches, grad_clip=cfg.grad_clip, ema=self.ema,
+                            ema_decay=ema_decay_at(step, cfg), amp=self.amp, loss=self.forward)
+        self.first_nonfinite_step = torch.where((self.first_nonfinite_step == 0) & ~torch.isfinite(result.loss),
+                                                step + 1, self.first_nonfinite_step)
+        return result, lr, noise_std
+
+    def _micro_batch(self, batch: list[Tensor], noise_std: float) -> tuple[Tensor, Tensor | None]:
+        """Dequantised images (docs/method.md §1) and labels (None if unconditional) on the device."""
+        pixels, labels = batch
+        x = dequantize(pixels, self.model_config.dequantization, noise_std, self.noise_generator).to(self.rt.device)
+        return x, labels.to(self.rt.device) if self.model_config.conditional else None
+
+    def _log_step(self, done: int, result: StepResult, lr: float, noise_std: float, bar: tqdm) -> dict[str, Any]:
+        """The logging step's record (the loss averaged over ranks), written to metrics.jsonl and the bar."""
+        self._stop_if_diverged(done)
+        if self.rt.world > 1:
+            dist.all_reduce(result.loss, op=dist.ReduceOp.AVG)
+        now, (tick, tick_step) = time.perf_counter(), self.tick
+        rate = (done - tick_step) * self.cfg.batch_size / (now - tick)
+        self.tick = (now, done)
+        nats = result.loss.item()
+        last = {"step": done, "loss": nats, "lr": lr, "grad_norm": float(result.grad_norm), "images_per_s": rate,
+                **self.objective.log_fields(nats, noise_std, self.model_config)}
+        bar.set_postfix(loss=f"{nats:.4f}", img_s=f"{rate:.0f}",
+                        **{key: f"{last[key]:.3f}" for key in self.objective.progress_fields})
+        self.metrics_log.write(time=time.time(), **last)
+        return last
+
+    def _stop_if_diverged(self, step: int, *states: dict[str, Tensor]) -> None:
         # Called only where the loop syncs with the device anyway (logging, evaluation, saving). A NaN
         # gradient norm can poison the weights while the loss is still finite: saves also check the weights.
-        if rt.world > 1:
-            dist.all_reduce(first_nonfinite_step, op=dist.ReduceOp.MAX)
-        bad = int(first_nonfinite_step) or next((step for state in states if first_nonfinite(state)), 0)
+        if self.rt.world > 1:
+            dist.all_reduce(self.first_nonfinite_step, op=dist.ReduceOp.MAX)
+        bad = int(self.first_nonfinite_step) or next((step for state in states if first_nonfinite(state)), 0)
         if bad:
+            out = self.out
             kept = (out / LATEST).read_text().strip() if (out / LATEST).is_file() else None
             raise TrainingDiverged(
                 f"training diverged by step {bad}: the loss or the weights became NaN or Inf. Stopped without "
                 "saving: " + (f"{out / kept} holds the last finite weights" if kept else "no checkpoint exists")
                 + "; lower --lr (or --train-set grad_clip=...) and run again to resume from it")
 
-    def save(step: int) -> None:
-        weights, ema_weights = full_state(model, rt, cfg), full_state(ema, rt, cfg)
-        stop_if_diverged(step, weights, ema_weights)
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            optim_state = get_optimizer_state_dict(
-                model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            optim_state = optimizer.state_dict()
-        rngs = [None] * rt.world
-        if rt.world > 1:
-            dist.all_gather_object(rngs, _rng_state(noise_generator))
-        else:
-            rngs = [_rng_state(noise_generator)]
+    def _save(self, step: int) -> None:
+        rt, sharding = self.rt, self.cfg.sharding
+        weights, ema_weights = full_state(self.model, rt, sharding), full_state(self.ema, rt, sharding)
+        self._stop_if_diverged(step, weights, ema_weights)
+        optim_state = full_optimizer_state(self.model, self.optimizer, rt, sharding)
+        rngs = gather_objects(_rng_state(self.noise_generator), rt)
         if rt.main:
-            save_checkpoint(out, step, config_record, weights, ema_weights, optim_state,
-                            {"step": step, "rng": rngs}, keep=cfg.keep_checkpoints)
+            save_checkpoint(self.out, step, self.config_record, weights, ema_weights, optim_state,
+                            {"step": step, "rng": rngs}, keep=self.cfg.keep_checkpoints)
 
-    def evaluate(step: int) -> dict[str, Any]:
-        stop_if_diverged(step)
-        record: dict[str, Any] = {"step": step}
-        judged = ema
-        if sharded:
-            # FSDP gathers a module's shards only around its forward(), but log_prob, sample and the flow
-            # inverse enter through other methods: rank 0 judges a gathered copy (every rank joins the gather).
-            weights = full_state(ema, rt, cfg)
-            if rt.main:
-                with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
-                    judged = Farmer(model_config)
-                judged.load_state_dict(weights)
-                judged.to(rt.device)
-        if rt.main:
+    def _evaluate(self, step: int) -> dict[str, Any]:
+        """The objective's test metric and a sample grid, as due at ``step``, of the EMA weights (rank 0)."""
+        self._stop_if_diverged(step)
+        cfg, record = self.cfg, {"step": step}
+        judged = self._gathered_ema()
+        if self.rt.main:
             judged.eval()
-            if distilling and (step % cfg.eval_every == 0 or step == cfg.steps):
-                record["test_psnr_db"] = student_psnr(judged, eval_set, max_images=cfg.eval_images, seed=cfg.seed)
-            elif step % cfg.eval_every == 0 or step == cfg.steps:
-                record["test_bpd"] = evaluate_bpd(judged, eval_set, max_images=cfg.eval_images, seed=cfg.seed)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                record[self.objective.eval_key] = self.objective.evaluate(judged, self.eval_set, cfg.eval_images,
+                                                                          cfg.seed)
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                record["samples"] = str(sample_grid(judged, out / "samples" / f"step-{step:08d}.png",
-                                                    seed=cfg.seed, inverse="distilled" if distilling else "exact"))
-            metrics_log.write(time=time.time(), **record)
+                options = SamplingOptions(seed=cfg.seed, inverse=self.objective.sample_inverse)
+                record["samples"] = str(sample_grid(judged, self.out / "samples" / f"step-{step:08d}.png",
+                                                    options=options))
+            self.metrics_log.write(time=time.time(), **record)
         return record
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and rt.main), dynamic_ncols=True)
-    micro = cfg.batch_size // (rt.world * cfg.grad_accum)
-    last: dict[str, Any] = {}
-    tick, tick_step = time.perf_counter(), start_step
-    first_nonfinite_step = torch.zeros((), dtype=torch.long, device=rt.device)  # 0: none so far
-    for step in range(start_step, cfg.steps):
-        model.train()
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        noise_std = gaussian_noise_std(step, cfg.steps, model_config.noise_std_start, model_config.noise_std_end)
-        loss_sum = torch.zeros((), device=rt.device)
-        for m in range(cfg.grad_accum):
-            pixels, labels = next(batches)
-            x = dequantize(pixels, model_config.dequantization, noise_std, noise_generator).to(rt.device)
-            y = labels.to(rt.device) if model_config.conditional else None
-            sync = m == cfg.grad_accum - 1 or rt.world == 1 or cfg.sharding != "ddp"
-            with (contextlib.nullcontext() if sync else net.no_sync()), \
-                    torch.autocast(rt.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, _ = forward(x, y)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
-        # Recorded on the device, without a sync; stop_if_diverged() reads it.
-        first_nonfinite_step = torch.where((first_nonfinite_step == 0) & ~torch.isfinite(loss_sum), step + 1,
-                                           first_nonfinite_step)
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # EMA with warm-up: early on the average would otherwise be dominated by the initial weights.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            stop_if_diverged(done)
-            if rt.world > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            now = time.perf_counter()
-            rate = (done - tick_step) * micro * cfg.grad_accum * rt.world / (now - tick)
-            tick, tick_step = now, done
-            nats = loss_sum.item()
-            last = {"step": done, "loss": nats, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate}
-            if not distilling:
-                # The loss in bits/dim of 8-bit pixels (+7 = log2 of the 128 pixel bins per unit of [-1, 1]).
-                # Not "bpd": under Gaussian dequantisation it is no bound on the discrete data's bits/dim; the
-                # bound is test_bpd, with uniform noise.
-                last["train_bits"] = nats / math.log(2) + 7
-                if model_config.dequantization == "gaussian":
-                    last["noise_std"] = noise_std
-            bar.set_postfix(loss=f"{nats:.4f}", img_s=f"{rate:.0f}", **({} if distilling else
-                                                                        {"train_bits": f"{last['train_bits']:.3f}"}))
-            metrics_log.write(time=time.time(), **last)
-        if done % cfg.eval_every == 0 or done % cfg.sample_every == 0 or done == cfg.steps:
-            record = evaluate(done)
-            for key, label in (("test_bpd", "test bits/dim"), ("test_psnr_db", "student PSNR (dB)")):
-                if key in record:
-                    last[key] = record[key]
-                    bar.write(f"step {done}: {label} {record[key]:.4f}")
-        stopping = stop_at is not None and done >= stop_at
-        if done % cfg.save_every == 0 or done == cfg.steps or stopping:
-            save(done)
-        if rt.world > 1:
-            dist.barrier()
-        if stopping:
-            break
-    bar.close()
-    return last
+    def _gathered_ema(self) -> Farmer:
+        """The EMA model to judge. FSDP gathers a module's shards only around its forward(), but log_prob, sample
+        and the flow inverse enter through other methods: rank 0 judges a gathered copy (every rank joins the
+        gather)."""
+        if not is_sharded(self.rt, self.cfg.sharding):
+            return self.ema
+        weights = full_state(self.ema, self.rt, self.cfg.sharding)
+        if not self.rt.main:
+            return self.ema
+        with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+            judged = Farmer(self.model_config)
+        judged.load_state_dict(weights)
+        return judged.to(self.rt.device)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every number in the README's results table, from the shipped checkpoint. Writes checkpoints/mnist/eval/*.json
-# and checkpoints/mnist/metrics.json. About 20-30 minutes on 2 CPU cores (FID's Inception passes dominate).
+# Every number in the README's results table, from the shipped checkpoint. Writes farmer/checkpoints/mnist/eval/*.json
+# and farmer/checkpoints/mnist/metrics.json. About 20-30 minutes on 2 CPU cores (FID's Inception passes dominate).
 set -euo pipefail
-ckpt=${1:-checkpoints/mnist}
+ckpt=${1:-farmer/checkpoints/mnist}
 out=$ckpt/eval
 mkdir -p "$out"
 farmer eval bpd --checkpoint "$ckpt" --data mnist --split test --json "$out/bpd.json"
@@ -13,6 +13,7 @@ farmer eval classifier --checkpoint "$ckpt" --n 1000 --guidance 2.5 --json "$out
 farmer eval classifier --checkpoint "$ckpt" --n 1000 --guidance 2.5 --inverse distilled --json "$out/classifier-cfg-distilled.json"
 farmer eval fid --checkpoint "$ckpt" --n 500 --guidance 2.5 --reference-images 1000 --json "$out/fid-cfg.json"
 farmer eval distill --checkpoint "$ckpt" --n 1000 --data mnist --json "$out/distill.json"
+farmer eval ood --checkpoint "$ckpt" --in-data mnist --ood-data fashion-mnist --n 2000 --json "$out/ood.json"
 python - "$ckpt" <<'PY'
 import json, sys
 from pathlib import Path

@@ -1,9 +1,10 @@
 """Copy a trained run's newest checkpoint into a shippable directory: config.json + EMA weights only.
 
-    python scripts/ship_checkpoint.py --run runs/mnist-distilled --teacher-run runs/mnist --out checkpoints/mnist
+    python scripts/ship_checkpoint.py --run runs/mnist-distilled --teacher-run runs/mnist --out farmer/checkpoints/mnist
 
 The optimizer and RNG state (only needed to resume training) and the raw weights are left behind; the
-teacher run's training config and metrics log summary are recorded in provenance.json.
+teacher run's training config and metrics log summary are recorded in provenance.json. Any folder under
+farmer/checkpoints/ is package data and a shipped model: `--checkpoint NAME` and `Farmer.from_pretrained(NAME)`.
 """
 
 import argparse

@@ -1,6 +1,7 @@
 """End-to-end: the `farmer` command as a user runs it (train -> eval -> distill -> sample)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,6 @@ from farmer.cli import main, parse_classes, shipped_checkpoint
 
 
 def test_train_writes_checkpoints_metrics_and_samples(trained_run: str) -> None:
-    from pathlib import Path
-
     run = Path(trained_run)
     assert (run / "LATEST").read_text().strip() == "step-00000012"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -58,14 +57,24 @@ def test_errors_are_reported_not_raised(tmp_path, capsys) -> None:
     assert parse_classes("1,4-6", 10) == [1, 4, 5, 6]
 
 
-def test_shipped_model_loads_and_samples(tmp_path) -> None:
-    try:
-        checkpoint = shipped_checkpoint()
-    except FileNotFoundError:
-        pytest.skip("no shipped checkpoint in this checkout")
+def test_shipped_model_is_package_data_and_samples_by_name(tmp_path) -> None:
+    import farmer
+
+    checkpoint = shipped_checkpoint()
+    assert checkpoint.parent.parent == Path(farmer.__file__).parent  # farmer/checkpoints/mnist: in the wheel too
     torch.manual_seed(0)
     out = tmp_path / "grid.png"
-    assert main(["sample", "--n", "10", "--classes", "0-9", "--out", str(out)]) == 0
+    assert main(["sample", "--checkpoint", "mnist", "--n", "10", "--classes", "0-9", "--out", str(out)]) == 0
     assert Image.open(out).size[0] > 0
-    metrics = json.loads((checkpoint / "metrics.json").read_text())
-    assert metrics["test_bits_per_dim"] > 0
+
+
+def test_eval_sub_commands_list_only_their_own_flags(capsys) -> None:
+    helps = {}
+    for metric in ("bpd", "fid", "classifier", "distill", "ood"):
+        with pytest.raises(SystemExit):
+            main(["eval", metric, "--help"])
+        helps[metric] = capsys.readouterr().out
+    assert "--guidance" not in helps["bpd"] and "--max-images" in helps["bpd"]
+    assert "--ref-stats" in helps["fid"] and "--ref-stats" not in helps["classifier"]
+    assert "--inverse" not in helps["distill"] and "--inverse" in helps["classifier"]
+    assert "--ood-data" in helps["ood"] and "--npz" not in helps["ood"]

@@ -270,7 +270,8 @@ def test_page_samples_and_scores_in_headless_chromium(browser, mnist_server: Dem
     wait = WebDriverWait(browser, 120)
     browser.get(mnist_server.url)
     wait.until(lambda d: d.find_element(By.ID, "card").text)  # the model card loaded
-    assert "test bits/dim 2.230" in browser.find_element(By.ID, "card").text
+    shipped_bpd = json.loads((shipped_checkpoint() / "metrics.json").read_text())["test_bits_per_dim"]
+    assert f"test bits/dim {shipped_bpd:.3f}" in browser.find_element(By.ID, "card").text
     for element, value in (("classes", "3"), ("count", "3"), ("guidance", "1.5"), ("seed", "5")):
         field = browser.find_element(By.ID, element)
         field.clear()

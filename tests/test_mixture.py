@@ -156,6 +156,48 @@ def test_sample_from_expanded_mixture_without_copy() -> None:
     assert x.shape == (5, 2, 6, 4) and torch.isfinite(x).all()
 
 
+def test_gumbel_max_picks_match_softmax_chi_square() -> None:
+    # Gumbel-max: argmax(logits + G) ~ softmax(logits). Pearson's chi-square over 8 components, one row of
+    # logits per batch element; a draw from the wrong weights (e.g. softmax(2·logits)) fails it at p ≪ 1e-3.
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, generator=generator) * 1.5
+    n = 40_000
+    picks = mixture_module.pick_components(logits, mixture_module.gumbel_noise((n, 3, 8), generator))
+    expected = torch.softmax(logits.double(), -1) * n
+    for row in range(3):
+        counts = torch.bincount(picks[:, row], minlength=8).double()
+        assert stats.chisquare(counts.numpy(), expected[row].numpy()).pvalue > 1e-3
+    wrong = torch.softmax(2 * logits.double(), -1) * n
+    counts = torch.bincount(picks[:, 0], minlength=8).double()
+    assert stats.chisquare(counts.numpy(), wrong[0].numpy() * counts.sum().item() / n).pvalue < 1e-6
+
+
+def test_sample_with_is_the_picked_component_shifted_by_its_scale() -> None:
+    mix = random_mixture((2, 3), k=4, d=5)
+    generator = torch.Generator().manual_seed(1)
+    gumbel, eps = mixture_module.gumbel_noise((6, 2, 3, 4), generator), torch.randn(6, 2, 3, 5, generator=generator)
+    x = mix.sample_with(gumbel, eps)
+    k = (mix.logits + gumbel).argmax(-1)  # (6, 2, 3)
+    for s, b, t in np.ndindex(6, 2, 3):
+        c = k[s, b, t]
+        torch.testing.assert_close(x[s, b, t], mix.means[b, t, c] + mix.scales[b, t, c] * eps[s, b, t])
+    with pytest.raises(ValueError, match="noise"):
+        mix.sample_with(gumbel[..., :3], eps)
+
+
+def test_head_sample_with_equals_its_mixture_sample_with() -> None:
+    # The AR sampling loop draws straight from the head's output; it must be the mixture's own draw.
+    torch.manual_seed(0)
+    head = MixtureHead(width=16, dim=3, components=6)
+    with torch.no_grad():
+        head.proj.weight.normal_()
+    generator = torch.Generator().manual_seed(2)
+    h = torch.randn(7, 16, generator=generator)
+    gumbel, eps = mixture_module.gumbel_noise((7, 6), generator), torch.randn(7, 3, generator=generator)
+    torch.testing.assert_close(head.sample_with(h, gumbel, eps), head(h).sample_with(gumbel, eps),
+                               rtol=1e-6, atol=1e-6)  # softplus may round 1 ulp apart on different sizes
+
+
 # Temperatures ----------------------------------------------------------------------------------------
 def test_large_weight_temperature_gives_uniform_weights() -> None:
     logits = torch.tensor([4.0, 0.0, -4.0])

@@ -1,5 +1,8 @@
 """The AR prior (docs/method.md §3–4): causality, cached == uncached, shared redundant mixture, sampling."""
 
+import math
+
+import pytest
 import torch
 from helpers import randomize, small_config
 
@@ -52,13 +55,13 @@ def test_cached_pass_equals_parallel_pass() -> None:
     labels = torch.tensor([0, 7])
     parallel, parallel_red = prior(zi, labels)
     cache = prior.transformer.allocate_cache(2, zi.device, torch.float32)
+    decoder = prior.transformer.decoder()  # the one-token steps sampling runs
     h = prior.transformer(prior._condition(labels), causal=True, cache=cache)[:, -1]
     for i in range(prior.num_tokens):
         step = prior.informative_head(h)
         torch.testing.assert_close(step.means, parallel.means[:, i], atol=1e-5, rtol=0)
         torch.testing.assert_close(step.logits, parallel.logits[:, i], atol=1e-5, rtol=0)
-        x = prior.proj_in(zi[:, i]) + prior.pos[prior.repeat + i]
-        h = prior.transformer(x[:, None], causal=True, cache=cache)[:, -1]
+        h = decoder.step(prior.proj_in(zi[:, i]) + prior.pos[prior.repeat + i], cache)
     torch.testing.assert_close(prior.redundant_head(h).scales, parallel_red.scales, atol=1e-5, rtol=0)
 
 
@@ -74,25 +77,39 @@ def test_log_prob_is_chain_rule_with_one_shared_redundant_mixture() -> None:
     torch.testing.assert_close(prior.log_prob(zi, zr, labels), expected, atol=1e-4, rtol=1e-5)
 
 
-def _reference_sample(prior: ARPrior, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token by token without a cache: rerun the whole sequence each step, draw in the same order."""
-    generator = torch.Generator().manual_seed(seed)
+def _reference_sample(prior: ARPrior, labels: torch.Tensor, seed: int, variance_scale: float = 1.0,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token without a cache: rerun the whole sequence each step and draw each token from the
+    decoupled mixture (supplementary §7) with the noise the sampler draws up front."""
+    noise = prior.sampling_noise(labels.shape[0], torch.Generator().manual_seed(seed))
     zi = torch.zeros(labels.shape[0], prior.num_tokens, prior.informative_dim)
     for i in range(prior.num_tokens):
         mix, _ = prior(zi, labels)
-        zi[:, i] = mix[:, i].sample(generator=generator)
+        zi[:, i] = mix[:, i].decoupled(variance_scale, temperature).sample_with(*noise.informative(i))
     _, red = prior(zi, labels)
-    zr = red.sample((prior.num_tokens,), generator=generator).transpose(0, 1)
-    return zi, zr
+    zr = red.decoupled(variance_scale, temperature).sample_with(noise.redundant_gumbel, noise.redundant_eps)
+    return zi, zr.transpose(0, 1)
 
 
-def test_cached_sampling_equals_uncached_reference() -> None:
+@pytest.mark.parametrize("variance_scale, temperature", [(1.0, 1.0), (0.5, 2.0)])
+def test_cached_sampling_equals_uncached_reference(variance_scale: float, temperature: float) -> None:
     prior = random_prior()
     labels = torch.tensor([0, 5, 9])
-    zi, zr = prior.sample(labels, torch.Generator().manual_seed(4))
-    ref_i, ref_r = _reference_sample(prior, labels, seed=4)
+    zi, zr = prior.sample(labels, torch.Generator().manual_seed(4), variance_scale=variance_scale,
+                          temperature=temperature)
+    ref_i, ref_r = _reference_sample(prior, labels, 4, variance_scale, temperature)
     torch.testing.assert_close(zi, ref_i, atol=1e-5, rtol=0)
     torch.testing.assert_close(zr, ref_r, atol=1e-5, rtol=0)
+
+
+def test_sampling_noise_is_tempered_standard_noise() -> None:
+    # T·G for standard Gumbel G (mean T·γ, variance T²π²/6) and √s·ε: the decoupled knobs act on the noise.
+    prior = random_prior()
+    noise = prior.sampling_noise(4000, torch.Generator().manual_seed(0), variance_scale=0.25, temperature=2.0)
+    gumbel, eps = noise.informative_gumbel.double(), noise.informative_eps.double()
+    assert abs(gumbel.mean().item() - 2.0 * 0.5772) < 0.02
+    assert abs(gumbel.var().item() - 4.0 * math.pi**2 / 6) < 0.1
+    assert abs(eps.std().item() - 0.5) < 0.005
 
 
 def test_guided_sampling_is_seeded_and_finite() -> None:
@@ -136,17 +153,16 @@ def test_log_prob_is_chain_rule_with_per_token_redundant_mixtures() -> None:
 def test_per_token_cached_sampling_equals_uncached_reference() -> None:
     prior = random_prior(redundant_mixture="per_token")
     labels = torch.tensor([0, 5, 9])
-    generator = torch.Generator().manual_seed(4)
-    zi, zr = prior.sample(labels, generator)
-    # Reference: rerun the whole sequence each step; draw z_i^I, then z_i^R, in the sampler's order.
-    generator = torch.Generator().manual_seed(4)
+    zi, zr = prior.sample(labels, torch.Generator().manual_seed(4))
+    # Reference: rerun the whole sequence each step; draw z_i^I, then z_i^R, with the sampler's noise.
+    noise = prior.sampling_noise(labels.shape[0], torch.Generator().manual_seed(4))
     ref_i = torch.zeros_like(zi)
     ref_r = torch.zeros_like(zr)
     for i in range(prior.num_tokens):
         mix, _ = prior(ref_i, labels)
-        ref_i[:, i] = mix[:, i].sample(generator=generator)
+        ref_i[:, i] = mix[:, i].sample_with(*noise.informative(i))
         _, red = prior(ref_i, labels)
-        ref_r[:, i] = red[:, i].sample(generator=generator)
+        ref_r[:, i] = red[:, i].sample_with(*noise.redundant(i))
     torch.testing.assert_close(zi, ref_i, atol=1e-5, rtol=0)
     torch.testing.assert_close(zr, ref_r, atol=1e-5, rtol=0)
     assert zr.abs().sum() > 0

@@ -24,13 +24,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from farmer.checkpoint import load_model, read_config
-from farmer.cli import parse_classes
 from farmer.data import dequantize, make_dataset, model_to_pixels
-from farmer.demo.card import available_inverses, model_card
-from farmer.guidance import NaiveGuidance, ResamplingGuidance
-from farmer.images import make_grid
+from farmer.demo.card import Limits, available_inverses, model_card
+from farmer.images import ImageTooLarge, load_image, make_grid
 from farmer.metrics import bits_per_dim
 from farmer.model import Farmer
+from farmer.sampling import SamplingOptions, batch_generator, make_guidance, parse_classes
 
 CFG_METHODS = ("resampling", "naive", "none")
 SAMPLE_FIELDS = ("classes", "count", "guidance", "cfg", "variance_scale", "temperature", "inverse", "seed")
@@ -44,18 +43,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one request may cost: the page runs on the user's CPU, one job at a time."""
-
-    max_images: int = 100
-    max_upload_bytes: int = 4 * 2**20
-    max_upload_pixels: int = 4096 * 4096
-    max_json_bytes: int = 64 * 2**10
-    max_guidance: float = 20.0
-    max_scale: float = 10.0  # s and T
 
 
 @dataclass(frozen=True)
@@ -134,12 +121,10 @@ def parse_sample_request(data: Any, model: Farmer, limits: Limits) -> tuple[Samp
     return request, classes
 
 
-def _guidance(request: SampleRequest) -> ResamplingGuidance | NaiveGuidance | None:
-    if request.cfg == "naive":
-        return NaiveGuidance(scale=request.guidance)
-    if request.cfg == "resampling":
-        return ResamplingGuidance(scale=request.guidance)
-    return None
+def sampling_options(request: SampleRequest) -> SamplingOptions:
+    guidance = None if request.cfg == "none" else make_guidance(request.cfg, request.guidance)
+    return SamplingOptions(guidance=guidance, variance_scale=request.variance_scale, temperature=request.temperature,
+                           inverse=request.inverse, seed=request.seed)
 
 
 def grid_scale(image_size: int) -> int:
@@ -230,12 +215,10 @@ class DemoApp:
                 progress.done += tokens
 
             start = time.perf_counter()
-            # The generator matches `farmer sample` (one batch), so the same seed gives the same images there.
-            generator = torch.Generator(self.model.device).manual_seed(request.seed)
-            images = self.model.sample(n, None if labels is None else labels.to(self.model.device), generator,
-                                       guidance=_guidance(request), variance_scale=request.variance_scale,
-                                       temperature=request.temperature, inverse=request.inverse,
-                                       progress=advance)
+            # One batch with `farmer sample`'s first-batch generator: the same seed gives the same images there.
+            options = sampling_options(request)
+            images = options.sample(self.model, n, None if labels is None else labels.to(self.model.device),
+                                    batch_generator(options.seed, 0, self.model.device), progress=advance)
             seconds = time.perf_counter() - start
         pixels = model_to_pixels(images).cpu()
         scale = grid_scale(self.model.config.image_size)
@@ -270,22 +253,11 @@ class DemoApp:
         if not body:
             raise ApiError(400, "no image in the request body")
         try:
-            with Image.open(io.BytesIO(body)) as image:
-                w, h = image.size
-                if w * h > self.limits.max_upload_pixels:
-                    raise ApiError(413, f"image is {w}×{h}; the limit is {self.limits.max_upload_pixels} pixels")
-                image = image.convert("L" if cfg.channels == 1 else "RGB")
-                side = min(w, h)
-                left, top = (w - side) // 2, (h - side) // 2
-                image = image.crop((left, top, left + side, top + side))
-                if side != cfg.image_size:
-                    image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
-                array = np.asarray(image, dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, -1)
-        except Image.DecompressionBombError as err:
+            pixels = load_image(io.BytesIO(body), cfg.channels, cfg.image_size, self.limits.max_upload_pixels)[None]
+        except (ImageTooLarge, Image.DecompressionBombError) as err:
             raise ApiError(413, str(err)) from None
         except OSError:  # not an image, or a truncated one
             raise ApiError(400, "the upload is not an image file Pillow can read (PNG, JPEG, GIF, BMP, ...)") from None
-        pixels = torch.from_numpy(array.transpose(2, 0, 1).copy())[None]
         return 255 - pixels if invert else pixels
 
     def test_image(self, index: int | None) -> tuple[Tensor, int, int]:

@@ -7,16 +7,27 @@ sample metrics) and ``provenance.json`` (the teacher of a distilled model) when 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from torch import nn
 
 from farmer.checkpoint import read_config, resolve_checkpoint
+from farmer.io import count_parameters
 from farmer.model import Farmer
 
-if TYPE_CHECKING:
-    from farmer.demo.app import Limits
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may cost: the page runs on the user's CPU, one job at a time."""
+
+    max_images: int = 100
+    max_upload_bytes: int = 4 * 2**20
+    max_upload_pixels: int = 4096 * 4096
+    max_json_bytes: int = 64 * 2**10
+    max_guidance: float = 20.0
+    max_scale: float = 10.0  # s and T
 
 
 def available_inverses(model: Farmer) -> tuple[str, ...]:
@@ -27,7 +38,7 @@ def available_inverses(model: Farmer) -> tuple[str, ...]:
 
 
 def _millions(module: nn.Module) -> str:
-    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
+    return f"{count_parameters(module) / 1e6:.2f}M"
 
 
 def _count(value: Any) -> str:

@@ -1,0 +1,170 @@
+"""One side of the A/B comparison in benchmarks/bench_compare.py: a long-lived process that times single calls.
+
+Run as a script (``python benchmarks/ab_worker.py``) with PYTHONPATH pointing at the farmer tree to time, so
+one file serves today's code and an older checkout alike: it imports only torch and the public API both
+share (``Farmer``, ``FarmerConfig``, ``load_model``, ``ResamplingGuidance``, ``prior.sample``, ``decode``),
+plus the untrained student, by whichever API the tree has. Requests arrive one JSON object per stdin line; each
+gets one JSON line on stdout, so the coordinator can alternate the two sides call by call.
+
+    {"op": "sample", "model": "mnist", "batch": 1, "cfg": true}
+        ->  {"wall": {"ar": s, "exact": s, ...}, "cpu": {...}, "sweeps": [...]}
+    {"op": "train", "model": "tarflow", "batch": 64}  ->  {"wall": {"train": s}, "cpu": {"train": s}}
+
+Wall seconds are what a user waits; CPU seconds of this process leave out the time other processes held
+the core (on a shared machine the steadier of the two).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import farmer
+import farmer.distill
+from farmer.checkpoint import load_model
+from farmer.config import FarmerConfig
+from farmer.guidance import ResamplingGuidance
+from farmer.model import Farmer
+
+# Std of the random output heads given to the TARFlow-sized flow: its blocks start as the identity (zero
+# heads), which the Jacobi inverse would invert in one sweep; with these heads it needs a few per block.
+TARFLOW_HEAD_STD = 0.02
+
+
+def build_model(name: str, checkpoint: str) -> Farmer:
+    """"mnist": the shipped checkpoint (with its trained student). "tarflow": the mnist preset with
+    4 flow blocks × 4 layers, width 128 (the issue's TARFlow-sized AF), seeded random weights, random flow
+    heads and an untrained student (timing only)."""
+    if name == "mnist":
+        return load_model(checkpoint).eval()
+    config = train_config(name)
+    torch.manual_seed(0)
+    model = Farmer(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.flow.blocks:
+            block.proj_out.weight.copy_(torch.randn(block.proj_out.weight.shape, generator=generator)
+                                        * TARFLOW_HEAD_STD)
+    return with_untrained_student(model).eval()
+
+
+def with_untrained_student(model: Farmer) -> Farmer:
+    """The flow copied into a student (timing only): ``attach_new_student`` today,
+    ``DistilledInverse.from_teacher`` in older trees."""
+    if hasattr(farmer.distill, "attach_new_student"):
+        return farmer.distill.attach_new_student(model)
+    model.student = farmer.distill.DistilledInverse.from_teacher(model.config, model.flow)
+    return model
+
+
+def train_config(name: str) -> FarmerConfig:
+    config = FarmerConfig.preset("mnist")
+    return config.replace(flow_layers=4) if name == "tarflow" else config
+
+
+def inverses(model: Farmer) -> list[str]:
+    """The inverses this side's ``decode`` offers (an older tree may lack "jacobi")."""
+    literal = str(inspect.signature(model.decode).parameters["inverse"].annotation)
+    return [name for name in ("exact", "jacobi", "distilled") if f"'{name}'" in literal or f'"{name}"' in literal]
+
+
+class Clock:
+    """Wall and CPU seconds of named calls."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def time(self, name: str, fn: Callable[[], Any]) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        self.wall[name], self.cpu[name] = time.perf_counter() - wall, time.process_time() - cpu
+        return result
+
+    def reply(self, **extra: Any) -> dict[str, Any]:
+        return {"wall": self.wall, "cpu": self.cpu, **extra}
+
+
+class Worker:
+    def __init__(self, checkpoint: str) -> None:
+        self.checkpoint = checkpoint
+        self.models: dict[str, Farmer] = {}
+        self.trainers: dict[tuple[str, int], Callable[[], None]] = {}
+
+    def model(self, name: str) -> Farmer:
+        if name not in self.models:
+            self.models[name] = build_model(name, self.checkpoint)
+        return self.models[name]
+
+    @torch.no_grad()
+    def sample(self, name: str, batch: int, cfg: bool, seed: int) -> dict[str, Any]:
+        """One full draw: the AR prior's latents, then each inverse decoding those latents."""
+        model = self.model(name)
+        labels = torch.arange(batch) % model.config.num_classes
+        generator = torch.Generator().manual_seed(seed)
+        guidance = ResamplingGuidance() if cfg else None
+        clock = Clock()
+        informative, redundant = clock.time("ar", lambda: model.prior.sample(labels, generator, guidance))
+        for inverse in inverses(model):
+            clock.time(inverse, lambda inverse=inverse: model.decode(informative, redundant, inverse=inverse))
+        if "jacobi" not in clock.wall:
+            return clock.reply()
+        z = torch.cat([informative, redundant], dim=-1)
+        return clock.reply(sweeps=model.flow.jacobi_inverse(z.flip(1) if model.config.final_permute else z)[1])
+
+    def train(self, name: str, batch: int) -> dict[str, Any]:
+        key = (name, batch)
+        if key not in self.trainers:
+            self.trainers[key] = train_step(train_config(name), batch)
+        clock = Clock()
+        clock.time("train", self.trainers[key])
+        return clock.reply()
+
+
+def train_step(config: FarmerConfig, batch: int) -> Callable[[], None]:
+    """The trainer's step without data loading or EMA (as benchmarks/bench_train.py): forward and backward of
+    the loss, gradient clipping at 1, AdamW at the mnist settings; random-initialised model, random batch."""
+    torch.manual_seed(0)
+    model = Farmer(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.03, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, config.channels, config.image_size, config.image_size, generator=generator) * 2 - 1
+    labels: Tensor = torch.randint(0, config.num_classes, (batch,), generator=generator)
+
+    def step() -> None:
+        model.train()
+        loss, _ = model(images, labels)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    threads = int(sys.argv[1])
+    torch.set_num_threads(threads)
+    worker = Worker(sys.argv[2])
+    print(json.dumps({"ready": str(Path(farmer.__file__).resolve().parent)}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "sample":
+            reply = worker.sample(request["model"], request["batch"], request["cfg"], request.get("seed", 0))
+        elif request["op"] == "train":
+            reply = worker.train(request["model"], request["batch"])
+        else:
+            raise ValueError(f"unknown request {request!r}")
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()

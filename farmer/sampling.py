@@ -1,0 +1,107 @@
+"""Sampling settings as one typed, validated value that goes from the command line to the model.
+
+Guidance (docs/method.md §6, conventions in docs/guidance.md), the unguided decoupled knobs s and T
+(docs/method.md §6), the flow inverse (§2, §7), and the batching and seed of a sample set.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from farmer.guidance import NaiveGuidance, ResamplingGuidance, guidance_options
+
+if TYPE_CHECKING:
+    from farmer.model import Farmer
+
+Inverse = Literal["exact", "jacobi", "distilled"]
+INVERSES: tuple[str, ...] = get_args(Inverse)
+GUIDANCE_METHODS = {"resampling": ResamplingGuidance, "naive": NaiveGuidance}
+
+
+def make_guidance(method: str, scale: float, options: Sequence[str] = ()) -> ResamplingGuidance | NaiveGuidance:
+    """CFG by ``method`` ("resampling": Algorithm 1; "naive": JetFormer's) at scale w, with KEY=VALUE knobs
+    typed by the guidance dataclass (docs/guidance.md)."""
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"guidance method must be one of {', '.join(GUIDANCE_METHODS)}, got {method!r}")
+    kind = GUIDANCE_METHODS[method]
+    return kind(scale=scale, **guidance_options(kind, options))
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    guidance: ResamplingGuidance | NaiveGuidance | None = None  # None: no CFG
+    variance_scale: float = 1.0  # unguided s: multiplies the mixtures' variances (paper: 0.9)
+    temperature: float = 1.0  # unguided T: divides the mixture logits (paper: 1.3)
+    inverse: Inverse = "exact"  # the flow inverse: sequential, Jacobi-iterated, or the distilled student
+    batch_size: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.guidance is not None and not isinstance(self.guidance, ResamplingGuidance | NaiveGuidance):
+            errors.append(f"guidance must be ResamplingGuidance, NaiveGuidance or None, got {self.guidance!r}")
+        for key in ("variance_scale", "temperature"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                errors.append(f"{key} must be a finite number > 0, got {value!r}")
+        if self.inverse not in INVERSES:
+            errors.append(f"inverse must be one of {', '.join(INVERSES)}, got {self.inverse!r}")
+        for key, minimum in (("batch_size", 1), ("seed", -(2**63))):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                errors.append(f"{key} must be an int >= {minimum}, got {value!r}")
+        if errors:
+            raise ValueError("invalid SamplingOptions: " + "; ".join(errors))
+
+    def sample(self, model: Farmer, n: int, labels: Tensor | None, generator: torch.Generator,
+               progress: Callable[[int], None] | None = None) -> Tensor:
+        """``model.sample`` with these settings: n images in [-1, 1]."""
+        return model.sample(n, labels, generator, guidance=self.guidance, variance_scale=self.variance_scale,
+                            temperature=self.temperature, inverse=self.inverse, progress=progress)
+
+    def sample_latents(self, model: Farmer, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The prior's (Z^I, Z^R) with these settings, before any flow inverse."""
+        return model.prior.sample(labels, generator, self.guidance, self.variance_scale, self.temperature)
+
+
+def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of batch ``batch`` of a sample set.
+
+    Each batch has its own stream, a function of (seed, batch): a sample set depends on its seed and batch
+    size only, not on how its batches are split over torchrun ranks. Batch 0 uses the seed itself, so a
+    one-batch set equals ``model.sample(..., torch.Generator().manual_seed(seed))`` (the demo relies on it).
+    """
+    if batch == 0:
+        return torch.Generator(device).manual_seed(seed)
+    state = np.random.SeedSequence([seed % 2**64, batch]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state))
+
+
+DEFAULT_SAMPLING = SamplingOptions()  # frozen, so one shared default is safe
+
+
+def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
+    """'0-9', '3', '1,4,7' or '0-4,9' -> a list of class indices."""
+    if text is None:
+        return None
+    classes: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if match is None:
+            raise ValueError(f"--classes must look like 0-9, 3 or 1,4-6, got {text!r}")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if hi < lo:
+            raise ValueError(f"--classes range {part.strip()!r} is descending; write {hi}-{lo}")
+        classes.extend(range(lo, hi + 1))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} are out of range for a model with {num_classes} classes")
+    return classes
