@@ -65,15 +65,18 @@ def test_cached_pass_equals_parallel_pass() -> None:
     torch.testing.assert_close(prior.redundant_head(h).scales, parallel_red.scales, atol=1e-5, rtol=0)
 
 
-def test_log_prob_is_chain_rule_with_one_shared_redundant_mixture() -> None:
-    prior = random_prior()
+@pytest.mark.parametrize("redundant_mixture", ["shared", "per_token"])
+def test_log_prob_is_chain_rule(redundant_mixture: str) -> None:
+    """Π_i P(z_i^I | z_{<i}^I, c) times one shared P(z_i^R | Z^I, c), or per token P(z_i^R | z_{≤i}^I, c)."""
+    prior = random_prior(redundant_mixture=redundant_mixture)
     zi, zr = latents(prior)
     labels = torch.tensor([1, 2])
     mix, red = prior(zi, labels)
     expected = torch.zeros(2)
     for b in range(2):
         for i in range(prior.num_tokens):
-            expected[b] += mix[b, i].log_prob(zi[b, i]) + red[b].log_prob(zr[b, i])
+            redundant = red[b, i] if redundant_mixture == "per_token" else red[b]
+            expected[b] += mix[b, i].log_prob(zi[b, i]) + redundant.log_prob(zr[b, i])
     torch.testing.assert_close(prior.log_prob(zi, zr, labels), expected, atol=1e-4, rtol=1e-5)
 
 
@@ -136,18 +139,6 @@ def test_per_token_redundant_mixture_sees_its_own_and_earlier_informative_tokens
         # P(z_i^R | z_{≤i}^I, c): perturbing z_j^I moves the mixtures of tokens j, j+1, … and no earlier one
         assert not changed[:j].any(), f"z_{j}^I changed the redundant mixture of an earlier token"
         assert changed[j:].all()
-
-
-def test_log_prob_is_chain_rule_with_per_token_redundant_mixtures() -> None:
-    prior = random_prior(redundant_mixture="per_token")
-    zi, zr = latents(prior)
-    labels = torch.tensor([1, 2])
-    mix, red = prior(zi, labels)
-    expected = torch.zeros(2)
-    for b in range(2):
-        for i in range(prior.num_tokens):
-            expected[b] += mix[b, i].log_prob(zi[b, i]) + red[b, i].log_prob(zr[b, i])
-    torch.testing.assert_close(prior.log_prob(zi, zr, labels), expected, atol=1e-4, rtol=1e-5)
 
 
 def test_per_token_cached_sampling_equals_uncached_reference() -> None:
