@@ -139,19 +139,27 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from farmer import FarmerConfig
+    from farmer.checkpoint import read_config
     from farmer.config import parse_assignments
     from farmer.train import TrainConfig, stored_configs, train
 
     out = check_output_path(args.out, "--out", "directory")
     # A resumed run keeps its stored model config; --preset or --set there must agree with it (train checks).
-    preset = args.preset or (None if (out / "LATEST").is_file() else "mnist")
-    model_config = FarmerConfig.preset(preset) if preset else stored_configs(out)[0]
+    resuming = (out / "LATEST").is_file()
+    preset = args.preset or (None if resuming or args.init_from else "mnist")
+    if preset:
+        model_config = FarmerConfig.preset(preset)
+    elif resuming:
+        model_config = stored_configs(out)[0]
+    else:  # --init-from without --preset: the starting checkpoint's model (its student is distilled anew)
+        model_config = FarmerConfig.from_dict(read_config(args.init_from)["model"]).replace(distilled_inverse=False)
     model_config = model_config.replace(**parse_assignments(FarmerConfig, args.set, "--set"))
     options = {"data": args.data, "data_root": args.data_root, "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr, "warmup_steps": args.warmup_steps, "grad_accum": args.grad_accum, "seed": args.seed,
                "precision": args.precision, "compile": args.compile, "sharding": args.sharding,
                "num_workers": args.num_workers, "eval_every": args.eval_every, "sample_every": args.sample_every,
-               "save_every": args.save_every, "ema_decay": args.ema_decay, "val_fraction": args.val_fraction}
+               "save_every": args.save_every, "ema_decay": args.ema_decay, "val_fraction": args.val_fraction,
+               "init_from": args.init_from}
     train_config = _settle_train_config(out, TrainConfig.preset(preset or "mnist"),
                                         _explicit_train_options(args, options))
     result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at,
@@ -497,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (resumes if --out holds a checkpoint); use torchrun for DDP/FSDP")
     p.add_argument("--preset", default=None, help="model size preset (default mnist; omitted on resume)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start a new run from these weights (a run, step or shipped model, e.g. mnist); "
+                        "its model config is used unless --preset is given")
     p.add_argument("--data", default=None, help="mnist, fashion-mnist, digits, or an image-folder path")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, samples/)")

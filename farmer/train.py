@@ -34,6 +34,7 @@ from farmer.checkpoint import (
     OPTIMIZER,
     TRAINER,
     first_nonfinite,
+    load_model,
     load_state_into,
     load_weights,
     lock_run_directory,
@@ -96,6 +97,9 @@ class TrainConfig:
     objective: str = "likelihood"
     teacher: str | None = None
     teacher_weights: str = "ema"  # which of the teacher checkpoint's weights to distil: "ema" or "raw"
+    # A new run starts from these (EMA) weights instead of a random initialisation: a run, step or shipped
+    # model whose model config equals this run's (a distilled student there is left behind). Fine-tuning.
+    init_from: str | None = None
     num_workers: int = 0
     # Share of an image folder without train/val subfolders held out (fixed seed) for test bits/dim.
     val_fraction: float = DEFAULT_VAL_FRACTION
@@ -406,6 +410,18 @@ def _train(rt: Runtime, model_config: FarmerConfig, cfg: TrainConfig, out: Path,
     return session.run(train_set, progress, stop_at)
 
 
+def initialise_from(model: Farmer, checkpoint: str) -> None:
+    """Copy the flow and prior (EMA) weights of ``checkpoint`` into ``model``; their configs must agree up to
+    ``distilled_inverse`` (a student there is not copied: it must be distilled again for the new weights)."""
+    source = load_model(checkpoint)
+    ours, theirs = (c.replace(distilled_inverse=False) for c in (model.config, source.config))
+    if theirs.diff(ours):
+        raise ValueError(f"--init-from {checkpoint}: its model config differs from this run's: "
+                         f"{theirs.diff(ours)} (checkpoint, run)")
+    model.flow.load_state_dict(source.flow.state_dict())
+    model.prior.load_state_dict(source.prior.state_dict())
+
+
 class _Session:
     """One invocation of the trainer: the model, its EMA and optimizer (new, or restored from the newest
     checkpoint), the loop (:meth:`run`), and what it logs, evaluates and saves. Whatever depends on the
@@ -422,6 +438,11 @@ class _Session:
         self.noise_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rt.rank)
         torch.manual_seed(cfg.seed * 104_729 + rt.rank)  # label dropout differs across ranks, as data does
         restored = self._restore(log) if resuming else None
+        if restored is None and cfg.init_from is not None:
+            initialise_from(self.model, cfg.init_from)
+            self.ema.load_state_dict(self.model.state_dict())
+            if rt.main:
+                log(f"initialised from {cfg.init_from}")
         self.start_step = 0 if restored is None else restored[0]["step"]
         self.net = wrap_distributed(self.objective.loss_module(self.model), self.model, self.ema, cfg.sharding, rt)
         # Created after wrapping: FSDP replaces the parameters with sharded ones.

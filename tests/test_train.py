@@ -143,6 +143,19 @@ def test_resume_with_another_model_config_is_refused(tmp_path: Path) -> None:
         run(TINY.replace(prior_layers=2), RESUME_CFG, tmp_path)
 
 
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(uninterrupted: Path, tmp_path: Path) -> None:
+    """Fine-tuning: the new run starts from the source's EMA weights."""
+    source = load_model(uninterrupted)
+    cfg = replace(RESUME_CFG, init_from=str(uninterrupted), steps=1, save_every=1, eval_every=1, sample_every=1,
+                  lr=1e-12, min_lr=0.0, warmup_steps=1)
+    run(TINY, cfg, tmp_path / "fine-tuned")
+    tuned = load_model(tmp_path / "fine-tuned", ema=False)
+    for name, value in source.state_dict().items():  # one step at lr 1e-12 moves nothing measurable
+        torch.testing.assert_close(tuned.state_dict()[name], value, rtol=0, atol=1e-9, msg=name)
+    with pytest.raises(ValueError, match=r"--init-from .*prior_layers"):
+        run(TINY.replace(prior_layers=2), cfg, tmp_path / "mismatch")
+
 # DDP and FSDP under torchrun ------------------------------------------------------------------------------------
 DRIVER = '''\
 """torchrun driver: train (stopping and resuming as told), then write this rank's final weights."""
