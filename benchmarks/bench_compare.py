@@ -37,7 +37,7 @@ from benchmarks.common import (
     save_benchmark,
     set_threads,
 )
-from farmer.checkpoint import DEFAULT_SHIPPED, SHIPPED_DIR
+from farmer.pretrained import DEFAULT_SHIPPED, SHIPPED_DIR
 
 WORKER = Path(__file__).resolve().parent / "ab_worker.py"
 MODELS = ("mnist", "tarflow")

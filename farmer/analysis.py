@@ -373,7 +373,8 @@ def run_analysis(
     checkpoint's training data) or, with ``from_samples``, that many class-balanced samples. The unguided
     grid scores ``n_per_cell`` samples per cell with the classifier of ``data``.
     """
-    from farmer.checkpoint import load_model, read_config
+    from farmer.checkpoint import load_model
+    from farmer.pretrained import read_config
 
     if name not in ANALYSES:
         raise ValueError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")

@@ -40,14 +40,14 @@ DEFAULT_SAMPLES = 64  # farmer sample without --n
 
 def shipped_checkpoint() -> Path:
     """The default model: farmer/checkpoints/mnist, package data, so installed wheels have it too."""
-    from farmer.checkpoint import DEFAULT_SHIPPED, locate_checkpoint
+    from farmer.pretrained import DEFAULT_SHIPPED, locate_checkpoint
 
     return locate_checkpoint(DEFAULT_SHIPPED)
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
     """--checkpoint as a directory or a shipped model's name (farmer/checkpoints/NAME); the default model without it."""
-    from farmer.checkpoint import locate_checkpoint
+    from farmer.pretrained import locate_checkpoint
 
     return locate_checkpoint(args.checkpoint) if args.checkpoint else shipped_checkpoint()
 
@@ -139,8 +139,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from farmer import FarmerConfig
-    from farmer.checkpoint import read_config
     from farmer.config import parse_assignments
+    from farmer.pretrained import read_config
     from farmer.train import TrainConfig, stored_configs, train
 
     out = check_output_path(args.out, "--out", "directory")
@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from farmer import FarmerConfig
-    from farmer.checkpoint import read_config
+    from farmer.pretrained import read_config
     from farmer.train import DISTILL_DEFAULTS, TrainConfig, train
 
     teacher = read_config(args.teacher)

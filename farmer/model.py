@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -15,6 +16,14 @@ from torch import Tensor, nn
 from farmer.channels import dct_basis
 from farmer.config import FarmerConfig
 from farmer.flow import AutoregressiveFlow, DistilledInverse
+from farmer.pretrained import (
+    checkpoint_directory,
+    load_state_into,
+    load_weights,
+    read_config,
+    weights_file,
+    write_pretrained,
+)
 from farmer.prior import ARPrior, Guidance, StandardNormalPrior
 
 
@@ -29,6 +38,24 @@ class Farmer(nn.Module):
         # Fixed orthonormal patch transform (log-det 0); a function of the config, so not saved with weights.
         basis = dct_basis(config.patch_size, config.channels) if config.patch_transform == "dct" else None
         self.register_buffer("patch_basis", None if basis is None else basis.float(), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None, ema: bool = True,
+                        map_location: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+                        local_files_only: bool = False) -> Farmer:
+        """A model, in eval mode, from a checkpoint directory (released, step or run directory), a shipped
+        model's name (e.g. "mnist") or a Hugging Face Hub repository id ("owner/name", needs the ``hub``
+        extra; ``revision``, ``cache_dir`` and ``local_files_only`` are passed on). EMA weights when present."""
+        step_dir = checkpoint_directory(path_or_repo_id, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=local_files_only)
+        model = cls(FarmerConfig.from_dict(read_config(step_dir)["model"]))
+        file = weights_file(step_dir, ema)
+        load_state_into(model, load_weights(file), file)
+        return model.to(map_location).eval()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write this model as ``directory/config.json`` + ``directory/model.safetensors`` (the Hub layout)."""
+        return write_pretrained(directory, self.config, self.state_dict())
 
     @property
     def device(self) -> torch.device:

@@ -27,19 +27,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from farmer.checkpoint import (
-    CONFIG,
-    EMA_WEIGHTS,
-    LATEST,
-    MODEL_WEIGHTS,
     OPTIMIZER,
     TRAINER,
-    first_nonfinite,
     load_model,
-    load_state_into,
-    load_weights,
     lock_run_directory,
-    read_config,
-    resolve_checkpoint,
     save_checkpoint,
     unflatten_optimizer_state,
 )
@@ -68,6 +59,17 @@ from farmer.io import count_parameters
 from farmer.model import Farmer
 from farmer.nn import autocast_dtype
 from farmer.objective import LikelihoodObjective, Objective
+from farmer.pretrained import (
+    CONFIG,
+    EMA_WEIGHTS,
+    LATEST,
+    MODEL_WEIGHTS,
+    first_nonfinite,
+    load_state_into,
+    load_weights,
+    read_config,
+    resolve_checkpoint,
+)
 from farmer.sampling import DEFAULT_SAMPLING, SamplingOptions, batch_generator
 from farmer.tracking import MetricsMirror, open_mirror
 

@@ -12,7 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
-from farmer.checkpoint import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS, load_model, read_config, resolve_checkpoint
+from farmer.checkpoint import load_model
+from farmer.pretrained import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS, read_config, resolve_checkpoint
 
 
 def last_record(run: Path, key: str) -> dict:

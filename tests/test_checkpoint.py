@@ -15,21 +15,15 @@ from safetensors.torch import load_file, save_file
 
 import farmer.checkpoint as ckpt
 from farmer.checkpoint import (
-    CONFIG,
-    EMA_WEIGHTS,
-    LATEST,
-    MODEL_WEIGHTS,
     OPTIMIZER,
     TRAINER,
     flatten_optimizer_state,
     load_model,
-    load_weights,
-    read_config,
-    resolve_checkpoint,
     save_checkpoint,
     unflatten_optimizer_state,
 )
 from farmer.model import Farmer
+from farmer.pretrained import CONFIG, EMA_WEIGHTS, LATEST, MODEL_WEIGHTS, load_weights, read_config, resolve_checkpoint
 
 CONFIG_TINY = small_config()
 

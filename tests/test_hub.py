@@ -1,4 +1,4 @@
-"""checkpoint.from_pretrained / save_pretrained in the Hugging Face Hub layout, offline: a local directory, a shipped
+"""Farmer.from_pretrained / model.save_pretrained in the Hugging Face Hub layout, offline: a local directory, a shipped
 model's name, and a Hub cache laid out by the test (the network is never touched)."""
 
 import importlib.util
@@ -9,14 +9,7 @@ import torch
 from helpers import random_model
 
 from farmer import Farmer
-from farmer.checkpoint import (
-    EMA_WEIGHTS,
-    SHIPPED_DIR,
-    from_pretrained,
-    locate_checkpoint,
-    save_pretrained,
-    shipped_models,
-)
+from farmer.pretrained import EMA_WEIGHTS, SHIPPED_DIR, locate_checkpoint, shipped_models
 
 
 def _same_weights(a: Farmer, b: Farmer) -> bool:
@@ -26,9 +19,9 @@ def _same_weights(a: Farmer, b: Farmer) -> bool:
 def test_save_pretrained_writes_the_hub_layout_and_loads_back(tmp_path) -> None:
     model = random_model()
     (tmp_path / "README.md").write_text("model card")  # other files in the directory stay
-    assert save_pretrained(model, tmp_path) == tmp_path
+    assert model.save_pretrained(tmp_path) == tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    loaded = from_pretrained(tmp_path)
+    loaded = Farmer.from_pretrained(tmp_path)
     assert loaded.config == model.config and _same_weights(model, loaded)
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     torch.testing.assert_close(loaded.log_prob(x), model.log_prob(x))
@@ -37,12 +30,12 @@ def test_save_pretrained_writes_the_hub_layout_and_loads_back(tmp_path) -> None:
 def test_save_pretrained_refuses_a_training_checkpoint_and_nonfinite_weights(tmp_path) -> None:
     (tmp_path / EMA_WEIGHTS).write_bytes(b"")
     with pytest.raises(ValueError, match="training checkpoint"):
-        save_pretrained(random_model(), tmp_path)
+        random_model().save_pretrained(tmp_path)
     model = random_model()
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN or Inf"):
-        save_pretrained(model, tmp_path / "new")
+        model.save_pretrained(tmp_path / "new")
     assert not (tmp_path / "new" / "config.json").exists()
 
 
@@ -55,13 +48,13 @@ def test_a_shipped_model_name_is_a_checkpoint(tmp_path, monkeypatch) -> None:
     with pytest.raises(FileNotFoundError, match=r"nor a shipped model: .*mnist"):
         locate_checkpoint("no-such-model")
     with pytest.raises(FileNotFoundError, match="Hub repository id"):
-        from_pretrained("no-such-model")
+        Farmer.from_pretrained("no-such-model")
 
 
 def test_repo_id_without_huggingface_hub_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"farmer\[hub\]"):
-        from_pretrained("someone/farmer-tiny")
+        Farmer.from_pretrained("someone/farmer-tiny")
 
 
 def test_repo_id_from_a_local_hub_cache_offline(tmp_path, monkeypatch) -> None:
@@ -73,10 +66,10 @@ def test_repo_id_from_a_local_hub_cache_offline(tmp_path, monkeypatch) -> None:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     model = random_model()
-    save_pretrained(model, repo / "snapshots" / commit)
-    loaded = from_pretrained("someone/farmer-tiny", cache_dir=tmp_path / "hub", local_files_only=True)
+    model.save_pretrained(repo / "snapshots" / commit)
+    loaded = Farmer.from_pretrained("someone/farmer-tiny", cache_dir=tmp_path / "hub", local_files_only=True)
     assert _same_weights(model, loaded)
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     with pytest.raises(LocalEntryNotFoundError):  # not cached, and offline: an error, no download
-        from_pretrained("someone/other", cache_dir=tmp_path / "hub", local_files_only=True)
+        Farmer.from_pretrained("someone/other", cache_dir=tmp_path / "hub", local_files_only=True)

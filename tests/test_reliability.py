@@ -23,8 +23,9 @@ from helpers import random_images, random_model
 from PIL import Image
 
 import farmer.checkpoint as ckpt
-from farmer.checkpoint import CONFIG, LATEST, load_model, read_config
+from farmer.checkpoint import load_model
 from farmer.cli import main, parse_classes
+from farmer.pretrained import CONFIG, EMA_WEIGHTS, LATEST, MODEL_WEIGHTS, read_config
 
 TRAIN = ["train", "--preset", "tiny", "--data", "digits"]
 QUICK = ["--train-set", "eval_images=32"]  # tiny's eval and sample steps are past these short runs' ends
@@ -322,7 +323,7 @@ def test_edited_config_json_field_type_is_caught(run: Path, capsys: pytest.Captu
 def test_nan_in_ema_weights_names_the_tensor(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import load_file, save_file
 
-    ema = run / "step-00000002" / ckpt.EMA_WEIGHTS
+    ema = run / "step-00000002" / EMA_WEIGHTS
     state = load_file(ema)
     name = sorted(state)[0]
     state[name].view(-1)[-1] = math.nan
@@ -355,7 +356,7 @@ def test_corrupt_metrics_line_in_the_middle_names_the_file(run: Path, capsys: py
 def test_stale_save_temporaries_are_cleaned_on_start(run: Path) -> None:
     stale = run / ".step-00000004.k1ll3d"
     stale.mkdir()
-    (stale / ckpt.MODEL_WEIGHTS).write_bytes(b"half a file")
+    (stale / MODEL_WEIGHTS).write_bytes(b"half a file")
     assert main(["train", "--out", str(run), "--stop-at", "3"]) == 0
     assert not list(run.glob(".step-*"))
 

@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 import farmer.train as trainer
-from farmer.checkpoint import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS, OPTIMIZER, TRAINER, load_model, save_checkpoint
+from farmer.checkpoint import OPTIMIZER, TRAINER, load_model, save_checkpoint
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
+from farmer.pretrained import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS
 from farmer.train import StepSampler, TrainConfig, learning_rate, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,12 +23,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from farmer.checkpoint import load_model, read_config
+from farmer.checkpoint import load_model
 from farmer.data import dequantize, make_dataset, model_to_pixels
 from farmer.demo.card import Limits, available_inverses, model_card
 from farmer.images import ImageTooLarge, load_image, make_grid
 from farmer.metrics import bits_per_dim
 from farmer.model import Farmer
+from farmer.pretrained import read_config
 from farmer.sampling import SamplingOptions, batch_generator, make_guidance, parse_classes
 
 CFG_METHODS = ("resampling", "naive", "none")

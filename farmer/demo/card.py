@@ -13,9 +13,9 @@ from typing import Any, get_args, get_type_hints
 
 from torch import nn
 
-from farmer.checkpoint import read_config, resolve_checkpoint
 from farmer.io import count_parameters
 from farmer.model import Farmer
+from farmer.pretrained import read_config, resolve_checkpoint
 
 
 @dataclass(frozen=True)
