@@ -230,35 +230,38 @@ def fid_report(images: Tensor | np.ndarray, data: str, split: str = "test", refe
         frechet_distance,
         load_reference_statistics,
         precision_recall,
-        reference_statistics,
+        reference_features,
     )
 
     images = torch.as_tensor(images)
     extractor = extractor or InceptionFeatures(device=device, progress=progress)
+    k = min(precision_recall_images, len(images))
+    real: np.ndarray | None = None  # reference features for precision/recall
     if ref_stats is not None:
         mu, sigma = load_reference_statistics(ref_stats)
         report: dict[str, Any] = {"reference": str(ref_stats)}
+        pixels = _adm_reference_pixels(k, ref_stats) if k >= 4 else None
+        real = None if pixels is None else extractor(pixels)
     else:
-        mu, sigma = reference_statistics(data, split, extractor, max_images=reference_images, root=root)
-        report = {"reference": f"{data}/{split}", "reference_images": reference_images}
+        features = reference_features(data, split, extractor, max_images=reference_images, root=root)
+        mu, sigma = feature_statistics(features)
+        report = {"reference": f"{data}/{split}", "reference_images": len(features)}
+        if k >= 4:  # the cached reference features serve precision/recall too
+            real = features[:k] if k <= len(features) else extractor(dataset_pixels(data, split, k,
+                                                                                   images.shape[-1], root))
     fake = extractor(images)
     report.update(fid=frechet_distance(*feature_statistics(fake), mu, sigma), num_images=len(images))
-    k = min(precision_recall_images, len(images))
-    real = _reference_pixels(k, data, split, images.shape[-1], root, ref_stats) if k >= 4 else None
     if real is not None:
-        report["precision"], report["recall"] = precision_recall(extractor(real), fake[:k], k=3)
+        report["precision"], report["recall"] = precision_recall(real, fake[:k], k=3)
         report["precision_recall_images"] = min(k, len(real))
     return report
 
 
-def _reference_pixels(k: int, data: str, split: str, size: int, root: str | None,
-                      ref_stats: str | Path | None) -> Tensor | None:
-    """The first k reference images for precision/recall, uint8 NCHW: the data split's, or the ADM
-    reference batch's ``arr_0`` (None when the batch holds statistics only)."""
+def _adm_reference_pixels(k: int, ref_stats: str | Path) -> Tensor | None:
+    """The first k images of an ADM reference batch's ``arr_0``, uint8 NCHW (None when it holds statistics
+    only)."""
     from farmer.metrics import load_npz_images
 
-    if ref_stats is None:
-        return dataset_pixels(data, split, k, size, root)
     with np.load(ref_stats, allow_pickle=False) as stored:
         if "arr_0" not in stored.files:
             return None

@@ -337,16 +337,14 @@ class InceptionFeatures:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load_statistics(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cached (mu, sigma), or None when the file is unreadable or malformed (it is then recomputed)."""
+def _load_features(path: Path) -> np.ndarray | None:
+    """Cached (N, D) features, or None when the file is unreadable or malformed (they are then recomputed)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            mu, sigma = data["mu"], data["sigma"]
+            features = data["features"]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        return None
-    return mu.astype(np.float64), sigma.astype(np.float64)
+    return features if features.ndim == 2 and features.shape[0] >= 2 else None
 
 
 def load_reference_statistics(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
@@ -370,15 +368,16 @@ def load_reference_statistics(path: Path | str) -> tuple[np.ndarray, np.ndarray]
     return mu, sigma
 
 
-def reference_statistics(
+def reference_features(
     dataset: str,
     split: str,
     extractor: FeatureExtractor,
     cache_dir: Path | str | None = None,
     max_images: int | None = None,
     root: Path | str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Feature mean and covariance of a dataset split (its first ``max_images`` images), cached as .npz.
+) -> np.ndarray:
+    """Features (float32) of a dataset split's first ``max_images`` images, cached as .npz: FID's statistics
+    and precision/recall's reference features come from one pass of the feature network.
 
     Cache file: ``<dataset>-<split>-<extractor.name>-<count>.npz`` in ``cache_dir`` (default
     ``<data root>/fid-stats``); an unreadable one is recomputed. ``root``: the data root of
@@ -392,13 +391,25 @@ def reference_statistics(
         count = min(count, max_images)
     base = Path(cache_dir) if cache_dir is not None else Path(root or default_data_root()) / "fid-stats"
     path = base / f"{dataset}-{split}-{extractor.name}-{count}.npz"
-    cached = _load_statistics(path) if path.is_file() else None
+    cached = _load_features(path) if path.is_file() else None
     if cached is not None:
         return cached
-    mu, sigma = feature_statistics(extractor(torch.from_numpy(np.array(images[:count]))))
+    features = np.asarray(extractor(torch.from_numpy(np.array(images[:count]))), dtype=np.float32)
     base.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda handle: np.savez(handle, mu=mu, sigma=sigma))
-    return mu, sigma
+    write_atomic(path, lambda handle: np.savez(handle, features=features))
+    return features
+
+
+def reference_statistics(
+    dataset: str,
+    split: str,
+    extractor: FeatureExtractor,
+    cache_dir: Path | str | None = None,
+    max_images: int | None = None,
+    root: Path | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feature mean and covariance of a dataset split's first ``max_images`` images (cached features)."""
+    return feature_statistics(reference_features(dataset, split, extractor, cache_dir, max_images, root))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -288,6 +288,23 @@ def test_reference_statistics_are_cached(tmp_path):
     np.testing.assert_allclose(recomputed[1], sigma)
 
 
+def test_fid_report_takes_precision_recall_references_from_the_cached_features(tmp_path, monkeypatch):
+    """One pass over the reference split serves FID and precision/recall; later reports featurise only samples."""
+    from farmer.evaluation import fid_report
+
+    monkeypatch.setenv("FARMER_DATA", str(tmp_path))  # the default cache lives under the data root
+    extractor = _CountingExtractor()
+    real = torch.from_numpy(np.array(load_arrays("digits", "test")[0][:100]))  # uint8 NCHW
+    first = fid_report(real, "digits", reference_images=100, precision_recall_images=100, extractor=extractor,
+                       progress=False)
+    assert extractor.calls == 2  # the reference split once, the samples once
+    again = fid_report(real, "digits", reference_images=100, precision_recall_images=100, extractor=extractor,
+                       progress=False)
+    assert extractor.calls == 3 and again == first
+    assert abs(first["fid"]) < 1e-6 and first["precision"] == first["recall"] == 1.0  # the reference itself
+    assert first["reference_images"] == 100
+
+
 def test_reference_statistics_rejects_bad_count(tmp_path):
     with pytest.raises(ValueError, match="max_images"):
         reference_statistics("digits", "test", _CountingExtractor(), cache_dir=tmp_path, max_images=1)
