@@ -6,6 +6,7 @@ Target per token, with p_c = p(·|c), p_u = p(·|∅) and scale w:
 
 p' is no mixture and has no direct sampler. Resampling CFG (supplementary §8, Algorithm 1) draws it by
 importance resampling; naive CFG (JetFormer's) draws a per-component Gaussian version of it in closed form.
+Both implement :class:`Guidance`, the one interface the AR prior samples through.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor
@@ -55,6 +56,22 @@ def effective_sample_size(probs: Tensor) -> Tensor:
     candidate holds all the mass. Resampling N tokens from a pool of ESS n yields at most about n distinct
     candidates that matter."""
     return probs.square().sum(dim=-1).reciprocal()
+
+
+class Guidance(Protocol):
+    """A CFG method as ``ARPrior.sample`` uses it: draws of p' from a conditional mixture p_c and the null-class
+    mixture p_u of the same batch shape (docs/method.md §6). The prior knows these two draws, not the method."""
+
+    def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture, generator: torch.Generator | None) -> Tensor:
+        """One draw per batch element, (*batch, D): an informative token, or a redundant vector of a per-token
+        redundant mixture, which is guided like the informative ones (docs/method.md §11)."""
+        ...
+
+    def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
+                    generator: torch.Generator | None) -> Tensor:
+        """The num_tokens redundant vectors of each image from its one shared mixture (batch (B,)):
+        (B, num_tokens, D) (docs/method.md §6, "shared redundant mixture")."""
+        ...
 
 
 @dataclass
@@ -123,6 +140,15 @@ class ResamplingGuidance:
         std_scale = std_temperature if self.std_convention == "std" else math.sqrt(std_temperature)
         return mix.tempered(divisor, std_scale)
 
+    def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture, generator: torch.Generator | None) -> Tensor:
+        return resampling_cfg_sample(cond, uncond, self, generator)
+
+    def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
+                    generator: torch.Generator | None) -> Tensor:
+        # One larger pool per image, an index resampled per token (docs/guidance.md, "Diversity of the shared
+        # redundant pool").
+        return resampling_cfg_sample_shared(cond, uncond, num_tokens, self, generator)
+
 
 @dataclass(frozen=True)
 class NaiveGuidance:
@@ -154,6 +180,14 @@ class NaiveGuidance:
         _check_scale(self.scale)
         _check_positive("min_precision_ratio", self.min_precision_ratio)
         _check_positive("max_mean_shift", self.max_mean_shift)
+
+    def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture, generator: torch.Generator | None) -> Tensor:
+        return naive_cfg_sample(cond, uncond, self, generator)
+
+    def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
+                    generator: torch.Generator | None) -> Tensor:
+        # No pool to share: each token's vector is its own guided draw of the shared mixture (docs/method.md §6).
+        return naive_cfg_sample(cond.expand_tokens(num_tokens), uncond.expand_tokens(num_tokens), self, generator)
 
 
 def _check_pair(cond: DiagonalMixture, uncond: DiagonalMixture) -> None:
@@ -302,20 +336,6 @@ def naive_cfg_sample(
     mean = mu_c + (w * prec_u * (mu_c - mu_u) / precision).clamp(-limit, limit)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + precision.rsqrt() * eps
-
-
-def guided_sample(
-    cond: DiagonalMixture,
-    uncond: DiagonalMixture,
-    guidance: ResamplingGuidance | NaiveGuidance,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """One guided draw per batch element, (*batch, D), by the method ``guidance`` names."""
-    if isinstance(guidance, ResamplingGuidance):
-        return resampling_cfg_sample(cond, uncond, guidance, generator)
-    if isinstance(guidance, NaiveGuidance):
-        return naive_cfg_sample(cond, uncond, guidance, generator)
-    raise TypeError(f"guidance must be ResamplingGuidance or NaiveGuidance, got {type(guidance).__name__}")
 
 
 # Command-line options --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from farmer.channels import dct_basis
 from farmer.config import FarmerConfig
 from farmer.flow import AutoregressiveFlow, DistilledInverse
+from farmer.guidance import Guidance
 from farmer.pretrained import (
     checkpoint_directory,
     load_state_into,
@@ -24,7 +25,7 @@ from farmer.pretrained import (
     weights_file,
     write_pretrained,
 )
-from farmer.prior import ARPrior, Guidance, StandardNormalPrior
+from farmer.prior import ARPrior, StandardNormalPrior
 
 
 class Farmer(nn.Module):

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from farmer.config import FarmerConfig
-from farmer.guidance import NaiveGuidance, ResamplingGuidance, guided_sample, resampling_cfg_sample_shared
+from farmer.guidance import Guidance
 from farmer.mixture import LOG_2PI, DiagonalMixture, MixtureHead, gumbel_noise
 from farmer.nn import Transformer
-
-Guidance = ResamplingGuidance | NaiveGuidance
 
 
 class ARPrior(nn.Module):
@@ -102,45 +101,74 @@ class ARPrior(nn.Module):
         Without guidance the mixtures are sampled with the decoupled knobs of supplementary §7: the
         Gaussian variance times ``variance_scale`` (s) and the logits divided by ``temperature`` (T), from
         noise drawn up front (:meth:`sampling_noise`). With guidance the conditional and null-class branches
-        run as one batch of 2B and each token is drawn by ``guided_sample`` (docs/method.md §6); its own
-        proposal temperatures apply.
+        run as one batch of 2B and ``guidance`` draws each token from the two mixtures (docs/method.md §6);
+        its own temperatures apply.
         """
         batch, n = labels.shape[0], self.num_tokens
-        if guidance is not None:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
-            noise = None
+        draws: _UnguidedDraws | _GuidedDraws
+        if guidance is None:
+            draws = _UnguidedDraws(self.sampling_noise(batch, generator, variance_scale, temperature, labels.device))
         else:
-            noise = self.sampling_noise(batch, generator, variance_scale, temperature, labels.device)
-
-        def draw(head: MixtureHead, h: Tensor, token_noise: tuple[Tensor, Tensor] | None) -> Tensor:
-            if token_noise is not None:
-                return head.sample_with(h, *token_noise)
-            cond, uncond = head(h).chunk(2)
-            return guided_sample(cond, uncond, guidance, generator)
-
+            draws = _GuidedDraws(guidance, generator, n)
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
         decoder = self.transformer.decoder()
         cache = self.transformer.allocate_cache(labels.shape[0], labels.device, self.pos.dtype)
         informative = torch.empty(batch, n, self.informative_dim, device=labels.device, dtype=self.pos.dtype)
         redundant = informative.new_zeros(batch, n, self.redundant_dim)
         h = self.transformer(self._condition(labels), causal=True, cache=cache)[:, -1]
         for i in range(n):
-            informative[:, i] = draw(self.informative_head, h, None if noise is None else noise.informative(i))
+            informative[:, i] = draws.informative(self.informative_head, h, i)
             if i + 1 < n or self.redundant_head is not None:
                 x = self.proj_in(informative[:, i]) + self.pos[self.repeat + i]
-                h = decoder.step(x if noise is not None else torch.cat([x, x]), cache)
+                h = decoder.step(x.repeat(draws.branches, 1), cache)  # every branch continues from the drawn token
             if self.per_token_redundant and self.redundant_head is not None:
-                redundant[:, i] = draw(self.redundant_head, h, None if noise is None else noise.redundant(i))
+                redundant[:, i] = draws.redundant(self.redundant_head, h, i)
             if progress is not None:
                 progress(1)
         if self.redundant_head is None or self.per_token_redundant:
             return informative, redundant
-        mix = self.redundant_head(h)
-        if noise is not None:  # N draws of the one shared mixture: sample dim N first
-            return informative, mix.sample_with(noise.redundant_gumbel, noise.redundant_eps).transpose(0, 1)
-        cond, uncond = mix.chunk(2)
-        if isinstance(guidance, ResamplingGuidance):
-            return informative, resampling_cfg_sample_shared(cond, uncond, n, guidance, generator)
-        return informative, guided_sample(cond.expand_tokens(n), uncond.expand_tokens(n), guidance, generator)
+        return informative, draws.shared(self.redundant_head, h)
+
+
+@dataclass(frozen=True)
+class _UnguidedDraws:
+    """How an unguided :meth:`ARPrior.sample` draws: each mixture with its share of the noise drawn up front,
+    which already carries the decoupled knobs (:meth:`ARPrior.sampling_noise`)."""
+
+    noise: SamplingNoise
+    branches: ClassVar[int] = 1  # batch rows per image
+
+    def informative(self, head: MixtureHead, h: Tensor, i: int) -> Tensor:
+        return head.sample_with(h, *self.noise.informative(i))
+
+    def redundant(self, head: MixtureHead, h: Tensor, i: int) -> Tensor:
+        return head.sample_with(h, *self.noise.redundant(i))
+
+    def shared(self, head: MixtureHead, h: Tensor) -> Tensor:
+        # N draws of the one shared mixture: sample dim N first, then (B, N, d_R).
+        return head(h).sample_with(self.noise.redundant_gumbel, self.noise.redundant_eps).transpose(0, 1)
+
+
+@dataclass(frozen=True)
+class _GuidedDraws:
+    """How a guided :meth:`ARPrior.sample` draws: the batch holds the conditional rows, then the null-class
+    rows, and ``guidance`` draws from each pair of mixtures by whatever method it implements (docs/method.md §6)."""
+
+    guidance: Guidance
+    generator: torch.Generator | None
+    num_tokens: int
+    branches: ClassVar[int] = 2  # batch rows per image: conditional and null class
+
+    def informative(self, head: MixtureHead, h: Tensor, i: int) -> Tensor:
+        cond, uncond = head(h).chunk(2)
+        return self.guidance.draw_token(cond, uncond, self.generator)
+
+    # Per-token redundant mixtures are guided like the informative ones (docs/method.md §11).
+    redundant = informative
+
+    def shared(self, head: MixtureHead, h: Tensor) -> Tensor:
+        cond, uncond = head(h).chunk(2)
+        return self.guidance.draw_shared(cond, uncond, self.num_tokens, self.generator)
 
 
 class SamplingNoise(NamedTuple):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import randomize, small_config
 from scipy import stats
 
 from farmer.guidance import (
@@ -17,12 +18,12 @@ from farmer.guidance import (
     _distinct_picks,
     effective_sample_size,
     guidance_options,
-    guided_sample,
     naive_cfg_sample,
     resampling_cfg_sample,
     resampling_cfg_sample_shared,
 )
 from farmer.mixture import DiagonalMixture
+from farmer.prior import ARPrior
 
 # (temperature_convention, std_convention, redundant_draw) of ResamplingGuidance(), chosen by measurement.
 DEFAULT_READINGS = ("divide", "std", "with_replacement")
@@ -228,7 +229,7 @@ def test_extreme_knobs_stay_finite() -> None:
         resample_temperature=3.0,
     )
     for guidance in (extreme, ResamplingGuidance(scale=10.0), NaiveGuidance(10.0)):
-        out = guided_sample(cond, uncond, guidance, g)
+        out = guidance.draw_token(cond, uncond, g)
         assert out.shape == (b, d) and torch.isfinite(out).all()
     shared = resampling_cfg_sample_shared(cond[:8], uncond[:8], 64, extreme, g)
     assert shared.shape == (8, 64, d) and torch.isfinite(shared).all()
@@ -501,17 +502,60 @@ def test_distinct_picks_follow_sequential_sampling_without_replacement() -> None
     assert abs((picks[:, 0] == 0).double().mean() - (picks[:, 1] == 0).double().mean()) < 0.02
 
 
-def test_guided_sample_dispatches() -> None:
+def test_each_method_implements_the_guidance_interface() -> None:
     cond, uncond = single_gaussians(4)
-    for guidance, direct in (
-        (ResamplingGuidance(), resampling_cfg_sample),
-        (NaiveGuidance(2.0), naive_cfg_sample),
-    ):
-        torch.testing.assert_close(
-            guided_sample(cond, uncond, guidance, gen(15)), direct(cond, uncond, guidance, gen(15))
-        )
-    with pytest.raises(TypeError, match="guidance"):
-        guided_sample(cond, uncond, 2.5)
+    resampling, naive = ResamplingGuidance(), NaiveGuidance(2.0)
+    torch.testing.assert_close(
+        resampling.draw_token(cond, uncond, gen(15)), resampling_cfg_sample(cond, uncond, resampling, gen(15))
+    )
+    torch.testing.assert_close(naive.draw_token(cond, uncond, gen(15)), naive_cfg_sample(cond, uncond, naive, gen(15)))
+    torch.testing.assert_close(
+        resampling.draw_shared(cond, uncond, 6, gen(16)),
+        resampling_cfg_sample_shared(cond, uncond, 6, resampling, gen(16)),
+    )
+    # Naive CFG has no pool: the shared mixture's 6 vectors of an image are 6 independent guided draws.
+    shared = naive.draw_shared(cond, uncond, 6, gen(16))
+    assert shared.shape == (4, 6, 3)
+    assert all(len(torch.unique(image, dim=0)) == 6 for image in shared)
+
+
+class ConstantGuidance:
+    """A Guidance that is neither shipped method: constant draws, and a record of the mixtures it was given."""
+
+    def __init__(self) -> None:
+        self.token_pairs: list[tuple[DiagonalMixture, DiagonalMixture]] = []
+        self.shared_tokens: list[int] = []
+
+    def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        self.token_pairs.append((cond, uncond))
+        return torch.full((*cond.batch_shape, cond.dim), 7.0)
+
+    def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        self.shared_tokens.append(num_tokens)
+        return torch.full((*cond.batch_shape, num_tokens, cond.dim), -3.0)
+
+
+@pytest.mark.parametrize("redundant_mixture", ["shared", "per_token"])
+def test_the_prior_samples_through_any_guidance(redundant_mixture: str) -> None:
+    torch.manual_seed(0)
+    prior = randomize(ARPrior(small_config(redundant_mixture=redundant_mixture))).eval()
+    labels, guidance, n = torch.tensor([1, 4, 9]), ConstantGuidance(), prior.num_tokens
+    zi, zr = prior.sample(labels, gen(0), guidance)
+    # The guidance's draws are the latents: one draw_token per token (two with per-token redundant mixtures,
+    # docs/method.md §11), and one draw_shared of all N redundant vectors otherwise.
+    per_token = redundant_mixture == "per_token"
+    assert zi.shape == (3, n, prior.informative_dim) and (zi == 7.0).all()
+    assert zr.shape == (3, n, prior.redundant_dim) and (zr == (7.0 if per_token else -3.0)).all()
+    assert len(guidance.token_pairs) == (2 * n if per_token else n)
+    assert guidance.shared_tokens == ([] if per_token else [n])
+    # The first pair is token 1's mixture under the labels (p_c) and under the null class (p_u).
+    cond, uncond = guidance.token_pairs[0]
+    for mix, y in ((cond, labels), (uncond, torch.full_like(labels, prior.null_class))):
+        expected = prior(zi, y)[0][:, 0]
+        torch.testing.assert_close(mix.logits, expected.logits)
+        torch.testing.assert_close(mix.means, expected.means)
 
 
 def test_bad_inputs_raise() -> None:
