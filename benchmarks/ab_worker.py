@@ -1,9 +1,11 @@
 """One side of the A/B comparison in benchmarks/bench_compare.py: a long-lived process that times single calls.
 
 Run as a script (``python benchmarks/ab_worker.py``) with PYTHONPATH pointing at the farmer tree to time, so
-one file serves today's code and an older checkout alike: it imports only torch and the public API both
-share (``Farmer``, ``FarmerConfig``, ``load_model``, ``ResamplingGuidance``, ``prior.sample``, ``decode``),
-plus the untrained student, by whichever API the tree has. Requests arrive one JSON object per stdin line; each
+one file serves today's code and an older checkout alike: it imports only torch and the API both share
+(``Farmer``, ``FarmerConfig``, ``load_model``, ``ResamplingGuidance``, ``prior.sample``, ``decode``,
+``TrainConfig``, the trainer's parameter groups, ``autocast_dtype``), plus the untrained student and the
+training step, each by whichever API the tree has (the step: ``farmer.train.train_step``, or in a tree older
+than it, that tree's loop body, :func:`legacy_train_step`). Requests arrive one JSON object per stdin line; each
 gets one JSON line on stdout, so the coordinator can alternate the two sides call by call.
 
     {"op": "sample", "model": "mnist", "batch": 1, "cfg": true}
@@ -16,6 +18,7 @@ the core (on a shared machine the steadier of the two).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import sys
@@ -29,10 +32,13 @@ from torch import Tensor, nn
 
 import farmer
 import farmer.distill
+import farmer.train
 from farmer.checkpoint import load_model
 from farmer.config import FarmerConfig
 from farmer.guidance import ResamplingGuidance
 from farmer.model import Farmer
+from farmer.nn import autocast_dtype
+from farmer.train import TrainConfig, _param_groups
 
 # Std of the random output heads given to the TARFlow-sized flow: its blocks start as the identity (zero
 # heads), which the Jacobi inverse would invert in one sweep; with these heads it needs a few per block.
@@ -130,22 +136,57 @@ class Worker:
 
 
 def train_step(config: FarmerConfig, batch: int) -> Callable[[], None]:
-    """The trainer's step without data loading or EMA (as benchmarks/bench_train.py): forward and backward of
-    the loss, gradient clipping at 1, AdamW at the mnist settings; random-initialised model, random batch."""
-    torch.manual_seed(0)
-    model = Farmer(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.03, betas=(0.9, 0.95))
+    """The trainer's step on a random-initialised model and a fixed random batch, set up as the trainer sets it
+    up for the mnist training preset (AdamW with its parameter groups and settings, gradient clipping, the EMA
+    update, the autocast dtype of precision "auto" on the CPU: none); no data loading. Today's tree runs
+    ``farmer.train.train_step`` with the likelihood objective's model and loss module; a tree without it, its
+    own loop body (:func:`legacy_train_step`)."""
+    train_config = TrainConfig.preset("mnist")
+    amp = autocast_dtype(torch.device("cpu"))  # bench_compare times the CPU only
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, config.channels, config.image_size, config.image_size, generator=generator) * 2 - 1
     labels: Tensor = torch.randint(0, config.num_classes, (batch,), generator=generator)
+    step = getattr(farmer.train, "train_step", None)
+    if step is None:
+        return legacy_train_step(config, train_config, images, labels, amp)
+    objective = farmer.train.make_objective(train_config)
+    torch.manual_seed(0)
+    model = objective.build_model(config, resuming=False)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(_param_groups(model, train_config.weight_decay), lr=train_config.lr,
+                                  betas=(train_config.beta1, train_config.beta2))
+    loss = objective.loss_module(model)
+    return lambda: step(model, optimizer, [(images, labels)], grad_clip=train_config.grad_clip, ema=ema,
+                        ema_decay=train_config.ema_decay, amp=amp, loss=loss)
+
+
+def legacy_train_step(config: FarmerConfig, train_config: TrainConfig, images: Tensor, labels: Tensor,
+                      amp: torch.dtype | None) -> Callable[[], None]:
+    """BASELINE ONLY: the step of a tree older than ``farmer.train.train_step`` (e.g. 0a6217a), where the step
+    lived inline in ``farmer.train.train``'s loop and cannot be called. This copies that loop body (farmer/train.py
+    at 0a6217a, one micro-batch, one process) minus the learning-rate schedule and data loading, as today's
+    side leaves them out too: forward under the trainer's autocast, backward, gradient clipping, AdamW step, and
+    the EMA update over every parameter. Today's tree never comes here."""
+    torch.manual_seed(0)
+    model = Farmer(config)  # the old trainer's likelihood model, trained by calling it directly
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(_param_groups(model, train_config.weight_decay), lr=train_config.lr,
+                                  betas=(train_config.beta1, train_config.beta2))
+    accum = 1  # one micro-batch, as on today's side
 
     def step() -> None:
         model.train()
-        loss, _ = model(images, labels)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_sum = torch.zeros(())
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _ = model(images, labels)
+        (loss / accum).backward()
+        loss_sum += loss.detach() / accum
+        nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - train_config.ema_decay)
 
     return step
 

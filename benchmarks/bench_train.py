@@ -1,10 +1,11 @@
 """Training and likelihood throughput, peak memory, and the fraction of this machine's matmul peak.
 
-For each preset: a training step (forward + backward of the docs/method.md §5 loss, gradient clipping, AdamW step,
-as in farmer.train minus data loading and EMA) and the likelihood pass (``log_prob``, no grad), in
-images/s; their FLOPs counted by ``torch.utils.flop_counter``; achieved GFLOP/s over the best square
-matmul measured in the same run; and peak memory, read in a fresh subprocess per phase (ru_maxrss on the
-CPU, the allocator's peak on accelerators).
+For each preset: a training step — ``farmer.train.train_step`` itself, set up as the trainer sets it up (the
+preset's objective and its loss module, AdamW with the trainer's parameter groups, gradient clipping, the
+trainer's autocast dtype, the EMA update), minus data loading and dequantisation — and the likelihood pass
+(``log_prob``, no grad), in images/s; their FLOPs counted by ``torch.utils.flop_counter``; achieved GFLOP/s
+over the best square matmul measured in the same run; and peak memory, read in a fresh subprocess per phase
+(ru_maxrss on the CPU, the allocator's peak on accelerators).
 
     python -m benchmarks.bench_train --threads 1 --quick
 """
@@ -12,7 +13,7 @@ CPU, the allocator's peak on accelerators).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import json
 import subprocess
 import sys
@@ -46,7 +47,7 @@ from benchmarks.common import (
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
 from farmer.nn import autocast_dtype
-from farmer.train import TrainConfig
+from farmer.train import TrainConfig, _param_groups, make_objective, train_step
 
 PRESETS = ("tiny", "mnist")
 PHASES = ("train", "log_prob")
@@ -55,7 +56,7 @@ PROBE_MARKER = "MEMORY_PROBE "
 
 @dataclass
 class Workload:
-    """One preset's model, optimizer and a fixed random batch, ready to time."""
+    """One preset's model, optimizer and EMA and a fixed random batch, ready to time."""
 
     model: Farmer
     optimizer: torch.optim.Optimizer
@@ -63,24 +64,19 @@ class Workload:
     labels: Tensor | None
     grad_clip: float
     amp: torch.dtype | None
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        # The trainer's precision policy: bf16 autocast on accelerators, fp32 on the CPU.
-        device = self.images.device.type
-        return torch.autocast(device, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+    ema: Farmer
+    ema_decay: float
+    loss: nn.Module  # the objective's loss module over ``model`` (the model itself for the likelihood)
 
     def train_step(self) -> None:
-        self.model.train()
-        with self._autocast():
-            loss, _ = self.model(self.images, self.labels)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # The trainer's own step (farmer.train.train_step), one micro-batch (the presets' grad_accum is 1).
+        train_step(self.model, self.optimizer, [(self.images, self.labels)], grad_clip=self.grad_clip,
+                   ema=self.ema, ema_decay=self.ema_decay, amp=self.amp, loss=self.loss)
 
     def log_prob(self) -> None:
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), torch.autocast(self.images.device.type, dtype=self.amp or torch.float32,
+                                             enabled=self.amp is not None):
             self.model.log_prob(self.images, self.labels)
 
     def run(self, phase: str) -> Callable[[], None]:
@@ -89,28 +85,36 @@ class Workload:
         return self.train_step if phase == "train" else self.log_prob
 
 
+def trainer_amp(train_config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the trainer uses for ``train_config.precision`` on ``device`` (as farmer.train's
+    session sets it): "auto" is bf16 on accelerators and none (fp32) on the CPU."""
+    if train_config.precision == "auto":
+        return autocast_dtype(device)
+    return torch.bfloat16 if train_config.precision == "bf16" else None
+
+
 def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0) -> Workload:
-    """Random-initialised model of ``preset``, AdamW with the trainer's settings (one parameter group: the
-    trainer's no-decay split costs the same) and a random batch in [-1, 1]."""
+    """The preset's model as its training objective builds it (random initialisation), its EMA copy, AdamW with
+    the trainer's settings and parameter groups, and a random batch in [-1, 1]."""
     if batch < 1:
         raise ValueError(f"batch size must be >= 1, got {batch}")
     config = FarmerConfig.preset(preset)
     train_config = TrainConfig.preset(preset)
+    objective = make_objective(train_config)
     torch.manual_seed(seed)
-    model = Farmer(config).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=train_config.lr,
-        weight_decay=train_config.weight_decay,
-        betas=(train_config.beta1, train_config.beta2),
-    )
+    model = objective.build_model(config, resuming=False).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(_param_groups(model, train_config.weight_decay), lr=train_config.lr,
+                                  betas=(train_config.beta1, train_config.beta2))
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, config.channels, config.image_size, config.image_size)
     images = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
     labels = None
     if config.conditional:
         labels = torch.randint(0, config.num_classes, (batch,), generator=generator).to(device)
-    return Workload(model, optimizer, images, labels, train_config.grad_clip, autocast_dtype(device))
+    # The EMA update costs the same at any decay: the steady-state one (the warm-up only lowers it early on).
+    return Workload(model, optimizer, images, labels, train_config.grad_clip, trainer_amp(train_config, device),
+                    ema, train_config.ema_decay, objective.loss_module(model))
 
 
 # FLOPs -------------------------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ def count_flops(fn: Callable[[], None]) -> int:
 def probe_memory(preset: str, batch: int, device: torch.device, phase: str, steps: int) -> dict[str, Any]:
     """Peak memory of ``steps`` calls of ``phase`` measured in *this* process (call it in a fresh one).
 
-    On the CPU: peak RSS after the calls minus the RSS just before them (model, optimizer and batch already
+    On the CPU: peak RSS after the calls minus the RSS just before them (model, EMA, optimizer and batch already
     built); the first training step also allocates AdamW's moments. On accelerators: the allocator's peak.
     """
     workload = build_workload(preset, batch, device)

@@ -3,7 +3,11 @@ speed targets live in the benchmarks themselves)."""
 
 import json
 
-from benchmarks import bench_compare, bench_sample
+import torch
+
+import farmer.train
+from benchmarks import ab_worker, bench_compare, bench_sample, bench_train
+from farmer.config import FarmerConfig
 
 
 def test_sampling_benchmark_writes_the_table5_split(tmp_path) -> None:
@@ -42,3 +46,28 @@ def test_compare_benchmark_runs_both_sides(tmp_path) -> None:
         [(row["kind"], row.get("cfg")) for row in result["rows"]]
     assert all(len(sweeps) == 4 for sweeps in (row["jacobi_sweeps"] for row in saved["rows"][:2]))
     assert "| mnist | 1 | none |" in "\n".join(bench_compare.markdown(saved))
+
+
+def test_train_benchmarks_time_the_trainers_own_step(monkeypatch) -> None:
+    calls = []
+    real_step = farmer.train.train_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_step(*args, **kwargs)
+
+    workload = bench_train.build_workload("tiny", 2, torch.device("cpu"))
+    ema_before = [p.clone() for p in workload.ema.parameters()]
+    monkeypatch.setattr(bench_train, "train_step", spy)
+    workload.run("train")()
+    assert len(calls) == 1 and calls[0]["ema"] is workload.ema and calls[0]["loss"] is workload.loss
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, workload.ema.parameters(), strict=True))
+
+    config = FarmerConfig.preset("tiny")
+    monkeypatch.setattr(farmer.train, "train_step", spy)
+    ab_worker.train_step(config, 2)()
+    assert len(calls) == 2
+    # An old tree without farmer.train.train_step (the A/B baseline) times its own loop body instead.
+    monkeypatch.delattr(farmer.train, "train_step")
+    ab_worker.train_step(config, 2)()
+    assert len(calls) == 2
