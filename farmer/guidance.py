@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -58,6 +58,7 @@ def effective_sample_size(probs: Tensor) -> Tensor:
     return probs.square().sum(dim=-1).reciprocal()
 
 
+@runtime_checkable
 class Guidance(Protocol):
     """A CFG method as ``ARPrior.sample`` uses it: draws of p' from a conditional mixture p_c and the null-class
     mixture p_u of the same batch shape (docs/method.md §6). The prior knows these two draws, not the method."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from farmer.guidance import NaiveGuidance, ResamplingGuidance, guidance_options
+from farmer.guidance import Guidance, NaiveGuidance, ResamplingGuidance, guidance_options
 
 if TYPE_CHECKING:
     from farmer.model import Farmer
@@ -37,7 +37,7 @@ def make_guidance(method: str, scale: float, options: Sequence[str] = ()) -> Res
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    guidance: ResamplingGuidance | NaiveGuidance | None = None  # None: no CFG
+    guidance: Guidance | None = None  # None: no CFG; ResamplingGuidance, NaiveGuidance or any Guidance
     variance_scale: float = 1.0  # unguided s: multiplies the mixtures' variances (paper: 0.9)
     temperature: float = 1.0  # unguided T: divides the mixture logits (paper: 1.3)
     inverse: Inverse = "exact"  # the flow inverse: sequential, Jacobi-iterated, or the distilled student
@@ -46,8 +46,9 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         errors = []
-        if self.guidance is not None and not isinstance(self.guidance, ResamplingGuidance | NaiveGuidance):
-            errors.append(f"guidance must be ResamplingGuidance, NaiveGuidance or None, got {self.guidance!r}")
+        if self.guidance is not None and not isinstance(self.guidance, Guidance):
+            errors.append(f"guidance must implement farmer.guidance.Guidance (draw_token, draw_shared) or be None, "
+                          f"got {self.guidance!r}")
         for key in ("variance_scale", "temperature"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:

@@ -17,7 +17,7 @@ from farmer.sampling import SamplingOptions
     (dict(inverse="backwards"), "inverse must be one of exact, jacobi, distilled"),
     (dict(batch_size=0), "batch_size must be an int >= 1"),
     (dict(seed=1.5), "seed must be an int"),
-    (dict(guidance=2.5), "guidance must be ResamplingGuidance"),
+    (dict(guidance=2.5), "guidance must implement farmer.guidance.Guidance"),
 ])
 def test_bad_options_are_rejected(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
