@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from helpers import random_model
+from safetensors.torch import save_file
 
 from farmer import Farmer
 from farmer.pretrained import EMA_WEIGHTS, SHIPPED_DIR, locate_checkpoint, shipped_models
@@ -73,3 +74,15 @@ def test_repo_id_from_a_local_hub_cache_offline(tmp_path, monkeypatch) -> None:
 
     with pytest.raises(LocalEntryNotFoundError):  # not cached, and offline: an error, no download
         Farmer.from_pretrained("someone/other", cache_dir=tmp_path / "hub", local_files_only=True)
+
+
+def test_half_precision_weights_load_into_a_float32_model(tmp_path) -> None:
+    """Shipped models store float16 weights (scripts/ship_checkpoint.py); they load as float32, rounded once."""
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file(half, str(tmp_path / "model.safetensors"))
+    loaded = Farmer.from_pretrained(tmp_path)
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == model.state_dict()[name].dtype
+        torch.testing.assert_close(value, half[name].to(value.dtype), rtol=0, atol=0)
