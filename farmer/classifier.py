@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from farmer.data import load_arrays, pixels_to_model
 from farmer.io import count_parameters, write_atomic
-from farmer.metrics import check_uint8_images, feature_statistics, frechet_distance, reference_statistics
+from farmer.metrics import check_uint8_images, feature_statistics, frechet_distance, reference_features
 
 CLASSIFIER_DATASETS = ("mnist", "fashion-mnist")
 IMAGE_SHAPE = (1, 28, 28)
@@ -209,7 +209,8 @@ def classifier_metrics(
     classifier, digest = _load(dataset)
     extractor = ClassifierFeatures(classifier, f"classifier-{dataset}-{digest}", device)
     feats, logits = extractor.features_and_logits(images)
-    reference_mu, reference_sigma = reference_statistics(dataset, reference, extractor, cache_dir=cache_dir)
+    reference_mu, reference_sigma = feature_statistics(reference_features(dataset, reference, extractor,
+                                                                         cache_dir=cache_dir))
     result = {
         "classifier_score": classifier_score(logits),
         "frechet_distance": frechet_distance(*feature_statistics(feats), reference_mu, reference_sigma),

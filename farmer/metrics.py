@@ -400,18 +400,6 @@ def reference_features(
     return features
 
 
-def reference_statistics(
-    dataset: str,
-    split: str,
-    extractor: FeatureExtractor,
-    cache_dir: Path | str | None = None,
-    max_images: int | None = None,
-    root: Path | str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Feature mean and covariance of a dataset split's first ``max_images`` images (cached features)."""
-    return feature_statistics(reference_features(dataset, split, extractor, cache_dir, max_images, root))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Sample files
 # ---------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from farmer.metrics import (
     legacy_resize_matrix,
     load_npz_images,
     precision_recall,
-    reference_statistics,
+    reference_features,
     save_npz_images,
 )
 
@@ -265,7 +265,11 @@ class _CountingExtractor:
         return images.double().mean(dim=(1, 3)).numpy()
 
 
-def test_reference_statistics_are_cached(tmp_path):
+def reference_statistics(*args, **kwargs):
+    return feature_statistics(reference_features(*args, **kwargs))
+
+
+def test_reference_features_are_cached(tmp_path):
     extractor = _CountingExtractor()
     mu, sigma = reference_statistics("digits", "test", extractor, cache_dir=tmp_path, max_images=100)
     images = load_arrays("digits", "test")[0][:100]
@@ -305,7 +309,7 @@ def test_fid_report_takes_precision_recall_references_from_the_cached_features(t
     assert first["reference_images"] == 100
 
 
-def test_reference_statistics_rejects_bad_count(tmp_path):
+def test_reference_features_rejects_bad_count(tmp_path):
     with pytest.raises(ValueError, match="max_images"):
         reference_statistics("digits", "test", _CountingExtractor(), cache_dir=tmp_path, max_images=1)
 
