@@ -490,19 +490,8 @@ def _add_train_set_argument(p: argparse.ArgumentParser) -> None:
                         "(repeatable; on resume, like every flag, it overrides the stored value)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="farmer", description="FARMER: Flow AutoRegressive Transformer over Pixels")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("presets", help="list the named model sizes with their parameter counts")
-    p.set_defaults(func=cmd_presets)
-
-    p = sub.add_parser("data", help="fetch and verify a named dataset")
-    p.add_argument("action", choices=["prepare"])
-    p.add_argument("name", choices=["mnist", "fashion-mnist", "digits"])
-    p.add_argument("--root", default=None, help="data directory (default: $FARMER_DATA or ~/.cache/farmer/data)")
-    p.set_defaults(func=cmd_data)
-
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    """The train, distill commands."""
     p = sub.add_parser("train", help="train a model (resumes if --out holds a checkpoint); use torchrun for DDP/FSDP")
     p.add_argument("--preset", default=None, help="model size preset (default mnist; omitted on resume)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
@@ -546,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_argument(p)
     p.set_defaults(func=cmd_distill)
 
+
+def _add_sampling_commands(sub: argparse._SubParsersAction) -> None:
+    """The sample, score commands."""
     p = sub.add_parser("sample", help="draw a PNG grid and/or an .npz from a checkpoint (sharded under torchrun)")
     _add_sampling_arguments(p, n=None, n_help=f"number of images (default {DEFAULT_SAMPLES}); with --classes a "
                             f"multiple of the class count (default {DEFAULT_SAMPLES} // classes per class)")
@@ -570,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(null class), bpd_conditional (under the label), best_class and bpd_best_class")
     p.set_defaults(func=cmd_score)
 
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """The eval and its sub-commands commands."""
     p = sub.add_parser("eval", help="evaluate a checkpoint or a sample file (sub-commands: bpd, fid, classifier, "
                        "distill, ood)")
     metrics = p.add_subparsers(dest="metric", required=True)
@@ -622,6 +617,21 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--json", default=None, help="also write the result to this file")
         q.set_defaults(func=_eval_command(q.get_default("run")))
 
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """The presets and data commands."""
+    p = sub.add_parser("presets", help="list the named model sizes with their parameter counts")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("data", help="fetch and verify a named dataset")
+    p.add_argument("action", choices=["prepare"])
+    p.add_argument("name", choices=["mnist", "fashion-mnist", "digits"])
+    p.add_argument("--root", default=None, help="data directory (default: $FARMER_DATA or ~/.cache/farmer/data)")
+    p.set_defaults(func=cmd_data)
+
+
+def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    """The analyze and demo commands."""
     p = sub.add_parser("analyze", help="the paper's analyses as figures (docs/method.md §9)")
     p.add_argument("name", choices=["separation", "variance", "logdet", "unguided"])
     p.add_argument("--checkpoint", default=None)
@@ -640,6 +650,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farmer", description="FARMER: Flow AutoRegressive Transformer over Pixels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (_add_data_commands, _add_training_commands, _add_sampling_commands, _add_eval_commands,
+                         _add_tool_commands):
+        add_commands(sub)
     return parser
 
 
