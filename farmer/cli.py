@@ -337,7 +337,8 @@ def eval_fid(args: argparse.Namespace) -> dict[str, Any]:
     images, _, source = _samples_for_metrics(args)
     return {"data": args.data, "source": source,
             **fid_report(images, args.data, args.split, args.reference_images, args.precision_recall_images,
-                         device=args.device, root=args.data_root, ref_stats=args.ref_stats)}
+                         device=args.device, root=args.data_root, ref_stats=args.ref_stats,
+                         real_vs_real=not args.no_real_vs_real)}
 
 
 def eval_classifier(args: argparse.Namespace) -> dict[str, Any]:
@@ -589,6 +590,8 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
                    "for precision/recall), e.g. VIRTUAL_imagenet256_labeled.npz")
     q.add_argument("--precision-recall-images", type=positive_int, default=2_000,
                    help="samples and reference images for precision/recall (k = 3)")
+    q.add_argument("--no-real-vs-real", action="store_true",
+                   help="skip the FID of as many real images of the other split against the same reference")
     q.set_defaults(run=eval_fid)
 
     q = metrics.add_parser("classifier", help="classifier score, Fréchet distance in the shipped classifier's "

@@ -216,13 +216,17 @@ def dataset_pixels(data: str, split: str, n: int | None, image_size: int, root: 
 def fid_report(images: Tensor | np.ndarray, data: str, split: str = "test", reference_images: int | None = 10_000,
                precision_recall_images: int = 2_000, device: str | None = None, root: str | None = None,
                progress: bool = True, ref_stats: str | Path | None = None,
-               extractor: FeatureExtractor | None = None) -> dict[str, Any]:
+               extractor: FeatureExtractor | None = None, real_vs_real: bool = True) -> dict[str, Any]:
     """FID and improved precision/recall (k = 3) of uint8 (N, C, H, W) samples.
 
     The reference is ``data``/``split`` (cached Inception statistics of its first ``reference_images``), or
     with ``ref_stats`` an ADM reference batch: its ``mu``/``sigma`` for FID and its ``arr_0`` images, when
     present, for precision/recall. Precision/recall compare the first ``precision_recall_images`` samples
     and reference images (ADM: all 50,000 samples against its 10,000 reference images).
+
+    With ``real_vs_real`` (data-split references only), ``fid_real_vs_real`` is the FID of as many real images
+    of the other split (train for a test reference, test otherwise) against the same reference: the floor the
+    sample FID is read against, at the same counts.
     """
     from farmer.metrics import (
         InceptionFeatures,
@@ -249,6 +253,11 @@ def fid_report(images: Tensor | np.ndarray, data: str, split: str = "test", refe
         if k >= 4:  # the cached reference features serve precision/recall too
             real = features[:k] if k <= len(features) else extractor(dataset_pixels(data, split, k,
                                                                                    images.shape[-1], root))
+        if real_vs_real:
+            other = "train" if split == "test" else "test"
+            held = reference_features(data, other, extractor, max_images=len(images), root=root)
+            report.update(fid_real_vs_real=frechet_distance(*feature_statistics(held), mu, sigma),
+                          real_vs_real=f"{len(held)} {data}/{other} images")
     fake = extractor(images)
     report.update(fid=frechet_distance(*feature_statistics(fake), mu, sigma), num_images=len(images))
     if real is not None:

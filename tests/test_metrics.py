@@ -301,10 +301,11 @@ def test_fid_report_takes_precision_recall_references_from_the_cached_features(t
     real = torch.from_numpy(np.array(load_arrays("digits", "test")[0][:100]))  # uint8 NCHW
     first = fid_report(real, "digits", reference_images=100, precision_recall_images=100, extractor=extractor,
                        progress=False)
-    assert extractor.calls == 2  # the reference split once, the samples once
+    assert extractor.calls == 3  # the reference split once, the real-vs-real split once, the samples once
     again = fid_report(real, "digits", reference_images=100, precision_recall_images=100, extractor=extractor,
                        progress=False)
-    assert extractor.calls == 3 and again == first
+    assert extractor.calls == 4 and again == first
+    assert first["fid_real_vs_real"] > 1e-3 and first["real_vs_real"] == "100 digits/train images"
     assert abs(first["fid"]) < 1e-6 and first["precision"] == first["recall"] == 1.0  # the reference itself
     assert first["reference_images"] == 100
 
