@@ -287,8 +287,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {save_npz_images(args.npz, nhwc, None if labels is None else labels.numpy())}")
 
 
-def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """uint8 NCHW samples and their labels: from --npz, or drawn from the checkpoint (class-balanced)."""
+def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None, str, int | None]:
+    """uint8 NCHW samples, their labels, their source and the model's patch size (None for --npz): from --npz,
+    or drawn from the checkpoint (class-balanced)."""
     from farmer.evaluation import balanced_labels, generate
     from farmer.metrics import load_npz_images
 
@@ -296,11 +297,11 @@ def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.
         images = torch.from_numpy(load_npz_images(args.npz)).permute(0, 3, 1, 2).contiguous()
         with np.load(args.npz) as data:
             labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
-        return images, labels, str(args.npz)
+        return images, labels, str(args.npz), None
     checkpoint, model = _load(args)
     labels = balanced_labels(model, args.n)
     images = generate(model, args.n, labels, sampling_options(args), progress=True)
-    return images, labels, str(checkpoint)
+    return images, labels, str(checkpoint), model.config.patch_size
 
 
 def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -334,7 +335,7 @@ def eval_bpd(args: argparse.Namespace) -> dict[str, Any]:
 def eval_fid(args: argparse.Namespace) -> dict[str, Any]:
     from farmer.evaluation import fid_report
 
-    images, _, source = _samples_for_metrics(args)
+    images, _, source, _ = _samples_for_metrics(args)
     return {"data": args.data, "source": source,
             **fid_report(images, args.data, args.split, args.reference_images, args.precision_recall_images,
                          device=args.device, root=args.data_root, ref_stats=args.ref_stats,
@@ -343,9 +344,16 @@ def eval_fid(args: argparse.Namespace) -> dict[str, Any]:
 
 def eval_classifier(args: argparse.Namespace) -> dict[str, Any]:
     from farmer.classifier import classifier_metrics
+    from farmer.evaluation import dataset_pixels
+    from farmer.metrics import stripe_ratio
 
-    images, labels, source = _samples_for_metrics(args)
-    return {"data": args.data, "source": source, **classifier_metrics(images, args.data, labels, reference=args.split)}
+    images, labels, source, patch_size = _samples_for_metrics(args)
+    result = {"data": args.data, "source": source,
+              **classifier_metrics(images, args.data, labels, reference=args.split)}
+    if patch_size is not None:  # the stripe statistic at the model's patch period (docs/quality.md)
+        reference = dataset_pixels(args.data, args.split, len(images), images.shape[-1], args.data_root)
+        result["stripe_ratio"] = stripe_ratio(images, reference, patch_size)
+    return result
 
 
 def eval_distill(args: argparse.Namespace) -> dict[str, Any]:
