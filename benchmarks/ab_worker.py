@@ -172,15 +172,12 @@ def legacy_train_step(config: FarmerConfig, train_config: TrainConfig, images: T
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(model, train_config.weight_decay), lr=train_config.lr,
                                   betas=(train_config.beta1, train_config.beta2))
-    accum = 1  # one micro-batch, as on today's side
 
     def step() -> None:
         model.train()
-        loss_sum = torch.zeros(())
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             loss, _ = model(images, labels)
-        (loss / accum).backward()
-        loss_sum += loss.detach() / accum
+        loss.backward()  # one micro-batch, as on today's side
         nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

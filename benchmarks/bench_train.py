@@ -47,7 +47,7 @@ from benchmarks.common import (
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
 from farmer.nn import autocast_dtype
-from farmer.train import TrainConfig, _param_groups, make_objective, train_step
+from farmer.train import TrainConfig, _param_groups, amp_dtype, make_objective, train_step
 
 PRESETS = ("tiny", "mnist")
 PHASES = ("train", "log_prob")
@@ -85,14 +85,6 @@ class Workload:
         return self.train_step if phase == "train" else self.log_prob
 
 
-def trainer_amp(train_config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype the trainer uses for ``train_config.precision`` on ``device`` (as farmer.train's
-    session sets it): "auto" is bf16 on accelerators and none (fp32) on the CPU."""
-    if train_config.precision == "auto":
-        return autocast_dtype(device)
-    return torch.bfloat16 if train_config.precision == "bf16" else None
-
-
 def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0) -> Workload:
     """The preset's model as its training objective builds it (random initialisation), its EMA copy, AdamW with
     the trainer's settings and parameter groups, and a random batch in [-1, 1]."""
@@ -113,7 +105,7 @@ def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0)
     if config.conditional:
         labels = torch.randint(0, config.num_classes, (batch,), generator=generator).to(device)
     # The EMA update costs the same at any decay: the steady-state one (the warm-up only lowers it early on).
-    return Workload(model, optimizer, images, labels, train_config.grad_clip, trainer_amp(train_config, device),
+    return Workload(model, optimizer, images, labels, train_config.grad_clip, amp_dtype(train_config, device),
                     ema, train_config.ema_decay, objective.loss_module(model))
 
 

@@ -500,7 +500,7 @@ def _add_train_set_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
-    """The train, distill commands."""
+    """The train and distill commands."""
     p = sub.add_parser("train", help="train a model (resumes if --out holds a checkpoint); use torchrun for DDP/FSDP")
     p.add_argument("--preset", default=None, help="model size preset (default mnist; omitted on resume)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
@@ -546,7 +546,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_sampling_commands(sub: argparse._SubParsersAction) -> None:
-    """The sample, score commands."""
+    """The sample and score commands."""
     p = sub.add_parser("sample", help="draw a PNG grid and/or an .npz from a checkpoint (sharded under torchrun)")
     _add_sampling_arguments(p, n=None, n_help=f"number of images (default {DEFAULT_SAMPLES}); with --classes a "
                             f"multiple of the class count (default {DEFAULT_SAMPLES} // classes per class)")
@@ -573,7 +573,7 @@ def _add_sampling_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    """The eval and its sub-commands commands."""
+    """The eval command and its sub-commands."""
     p = sub.add_parser("eval", help="evaluate a checkpoint or a sample file (sub-commands: bpd, fid, classifier, "
                        "distill, ood)")
     metrics = p.add_subparsers(dest="metric", required=True)

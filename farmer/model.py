@@ -54,9 +54,10 @@ class Farmer(nn.Module):
         load_state_into(model, load_weights(file), file)
         return model.to(map_location).eval()
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write this model as ``directory/config.json`` + ``directory/model.safetensors`` (the Hub layout)."""
-        return write_pretrained(directory, self.config, self.state_dict())
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write this model as ``directory/config.json`` + ``directory/model.safetensors`` (the Hub layout),
+        the weights in ``dtype`` when given (e.g. torch.float16, as the shipped models are stored)."""
+        return write_pretrained(directory, self.config, self.state_dict(), dtype)
 
     @property
     def device(self) -> torch.device:

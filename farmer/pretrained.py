@@ -160,20 +160,30 @@ def checkpoint_directory(path_or_repo_id: str | Path, *, revision: str | None = 
     return resolve_checkpoint(path)
 
 
-def write_pretrained(directory: str | Path, config: FarmerConfig, weights: dict[str, Tensor]) -> Path:
+def write_weights(file: Path, weights: dict[str, Tensor], dtype: torch.dtype | None = None) -> Path:
+    """Write ``weights`` (floating-point ones cast to ``dtype`` when given) to a safetensors ``file``, atomically;
+    a NaN or Inf — also one that the cast creates by overflow — is refused before anything is written."""
+    weights = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+               for k, v in contiguous(weights).items()}
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise ValueError(f"refusing to save: tensor {bad!r} has NaN or Inf values"
+                         + (f" in {dtype}" if dtype is not None else ""))
+    return write_atomic(file, safetensors_bytes(weights))
+
+
+def write_pretrained(directory: str | Path, config: FarmerConfig, weights: dict[str, Tensor],
+                     dtype: torch.dtype | None = None) -> Path:
     """Write a model as ``directory/config.json`` + ``directory/model.safetensors`` (the Hugging Face Hub
-    layout; other files in the directory are left alone). Each file is replaced atomically, the weights
+    layout; other files in the directory are left alone), the weights in ``dtype`` when given (float16 halves
+    the files; loading casts back to the model's float32). Each file is replaced atomically, the weights
     first: config.json marks a complete checkpoint."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is a file, not a directory")
-    weights = contiguous(weights)
-    bad = first_nonfinite(weights)
-    if bad is not None:
-        raise ValueError(f"refusing to save: tensor {bad!r} has NaN or Inf values")
     if (directory / EMA_WEIGHTS).exists():  # load_model prefers EMA weights: they would shadow these
         raise ValueError(f"{directory} holds {EMA_WEIGHTS} (a training checkpoint); save to another directory")
     directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / MODEL_WEIGHTS, safetensors_bytes(weights))
+    write_weights(directory / MODEL_WEIGHTS, weights, dtype)
     write_json_atomic(directory / CONFIG, {"format": FORMAT_VERSION, "model": config.to_dict()})
     return directory

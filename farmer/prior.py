@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +120,7 @@ class ARPrior(nn.Module):
             informative[:, i] = draws.informative(self.informative_head, h, i)
             if i + 1 < n or self.redundant_head is not None:
                 x = self.proj_in(informative[:, i]) + self.pos[self.repeat + i]
-                h = decoder.step(x.repeat(draws.branches, 1), cache)  # every branch continues from the drawn token
+                h = decoder.step(draws.rows(x), cache)  # every branch continues from the drawn token
             if self.per_token_redundant and self.redundant_head is not None:
                 redundant[:, i] = draws.redundant(self.redundant_head, h, i)
             if progress is not None:
@@ -136,7 +136,11 @@ class _UnguidedDraws:
     which already carries the decoupled knobs (:meth:`ARPrior.sampling_noise`)."""
 
     noise: SamplingNoise
-    branches: ClassVar[int] = 1  # batch rows per image
+
+    @staticmethod
+    def rows(x: Tensor) -> Tensor:
+        """The decoder's input rows for one step: one per image."""
+        return x
 
     def informative(self, head: MixtureHead, h: Tensor, i: int) -> Tensor:
         return head.sample_with(h, *self.noise.informative(i))
@@ -157,7 +161,11 @@ class _GuidedDraws:
     guidance: Guidance
     generator: torch.Generator | None
     num_tokens: int
-    branches: ClassVar[int] = 2  # batch rows per image: conditional and null class
+
+    @staticmethod
+    def rows(x: Tensor) -> Tensor:
+        """The decoder's input rows for one step: the conditional rows, then the same tokens for the null class."""
+        return torch.cat([x, x])
 
     def informative(self, head: MixtureHead, h: Tensor, i: int) -> Tensor:
         cond, uncond = head(h).chunk(2)

@@ -310,6 +310,14 @@ def make_objective(cfg: TrainConfig) -> Objective:
     return LikelihoodObjective()
 
 
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``cfg.precision`` on ``device``: "auto" is bf16 on accelerators, none (fp32) on the
+    CPU; "bf16" and "fp32" force it."""
+    if cfg.precision == "auto":
+        return autocast_dtype(device)
+    return torch.bfloat16 if cfg.precision == "bf16" else None
+
+
 def ema_decay_at(step: int, cfg: TrainConfig) -> float:
     """The EMA decay at ``step``, warmed up: early on, the average would be dominated by the initial weights."""
     return min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -417,9 +425,10 @@ def initialise_from(model: Farmer, checkpoint: str) -> None:
     ``distilled_inverse`` (a student there is not copied: it must be distilled again for the new weights)."""
     source = load_model(checkpoint)
     ours, theirs = (c.replace(distilled_inverse=False) for c in (model.config, source.config))
-    if theirs.diff(ours):
+    differences = theirs.diff(ours)
+    if differences:
         raise ValueError(f"--init-from {checkpoint}: its model config differs from this run's: "
-                         f"{theirs.diff(ours)} (checkpoint, run)")
+                         f"{differences} (checkpoint, run)")
     model.flow.load_state_dict(source.flow.state_dict())
     model.prior.load_state_dict(source.prior.state_dict())
 
@@ -455,8 +464,7 @@ class _Session:
             optim_state = unflatten_optimizer_state(load_weights(step_dir / OPTIMIZER), trainer_state["optimizer"])
             load_optimizer_state(self.model, self.optimizer, optim_state, rt, cfg.sharding)
         self.forward = torch.compile(self.net) if cfg.compile else self.net
-        self.amp = autocast_dtype(rt.device) if cfg.precision == "auto" else (
-            torch.bfloat16 if cfg.precision == "bf16" else None)
+        self.amp = amp_dtype(cfg, rt.device)
         self.metrics_log = MetricsLog(out / "metrics.jsonl", self.start_step, rt.main,
                                       open_mirror(logger, out, self.start_step) if rt.main else None)
         self.config_record = {"model": model_config.to_dict(), "train": cfg.to_dict()}

@@ -15,18 +15,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 
 from farmer.checkpoint import load_model
-from farmer.io import write_atomic
 from farmer.pretrained import (
     CONFIG,
     EMA_WEIGHTS,
     MODEL_WEIGHTS,
-    first_nonfinite,
     load_weights,
     read_config,
     resolve_checkpoint,
+    write_weights,
 )
 
 
@@ -48,12 +46,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(step_dir / CONFIG, out / CONFIG)
     # EMA weights ship under the plain name: load_model falls back to them when no ema file exists.
-    dtype = getattr(torch, args.dtype)
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_weights(step_dir / EMA_WEIGHTS).items()}
-    bad = first_nonfinite(weights)
-    if bad is not None:
-        raise SystemExit(f"{bad} overflows {args.dtype}; ship with --dtype float32")
-    write_atomic(out / MODEL_WEIGHTS, safetensors_bytes(weights))
+    write_weights(out / MODEL_WEIGHTS, load_weights(step_dir / EMA_WEIGHTS), getattr(torch, args.dtype))
     provenance = {"run": str(args.run), "step": read_config(step_dir)["step"], "weights": f"EMA, {args.dtype}",
                   "last_log": last_record(Path(args.run), "loss")}
     if args.teacher_run:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from helpers import random_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 from farmer import Farmer
 from farmer.pretrained import EMA_WEIGHTS, SHIPPED_DIR, locate_checkpoint, shipped_models
@@ -77,12 +77,20 @@ def test_repo_id_from_a_local_hub_cache_offline(tmp_path, monkeypatch) -> None:
 
 
 def test_half_precision_weights_load_into_a_float32_model(tmp_path) -> None:
-    """Shipped models store float16 weights (scripts/ship_checkpoint.py); they load as float32, rounded once."""
+    """Shipped models store float16 weights (save_pretrained(dtype=...), scripts/ship_checkpoint.py); they load
+    as float32, rounded once; a weight that float16 cannot hold is refused, not written as inf."""
     model = random_model()
-    model.save_pretrained(tmp_path)
-    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_file(half, str(tmp_path / "model.safetensors"))
+    model.save_pretrained(tmp_path, dtype=torch.float16)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
     loaded = Farmer.from_pretrained(tmp_path)
     for name, value in loaded.state_dict().items():
         assert value.dtype == model.state_dict()[name].dtype
-        torch.testing.assert_close(value, half[name].to(value.dtype), rtol=0, atol=0)
+        expected = model.state_dict()[name]
+        expected = expected.half().to(expected.dtype) if expected.is_floating_point() else expected
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        next(model.parameters()).fill_(1e6)  # beyond float16's 65504
+    with pytest.raises(ValueError, match=r"NaN or Inf values in torch\.float16"):
+        model.save_pretrained(tmp_path / "overflow", dtype=torch.float16)
+    assert not (tmp_path / "overflow" / "model.safetensors").exists()
