@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from farmer.analysis import has_classifier
@@ -42,6 +43,7 @@ from farmer.classifier import classifier_metrics
 from farmer.config import FarmerConfig
 from farmer.data import make_dataset
 from farmer.evaluation import balanced_labels, dataset_pixels, evaluate_bpd, generate
+from farmer.guidance import RedundantPoolStats, ResamplingGuidance
 from farmer.images import save_grid
 from farmer.io import count_parameters, write_json_atomic
 from farmer.metrics import stripe_ratio
@@ -272,25 +274,47 @@ def run_variant(
     return result
 
 
-SAMPLE_METRICS = ("classifier_score", "frechet_distance", "accuracy", "stripe_ratio")
+SAMPLE_METRICS = ("classifier_score", "frechet_distance", "accuracy", "stripe_ratio", "redundant_ess")
 
 
 def _sample_metrics(model: Farmer, cfg: AblationConfig, guidance: str | None, reference: Tensor,
                     grid: Path) -> dict[str, float | None]:
-    """Classifier metrics (where a classifier exists) and the stripe statistic of class-balanced samples."""
+    """Classifier metrics (where a classifier exists) and the stripe statistic of class-balanced samples; under
+    resampling CFG also the mean effective sample size of the redundant candidate pools and their size."""
     labels = balanced_labels(model, cfg.num_samples)
-    options = SamplingOptions(guidance=None if guidance is None else make_guidance(guidance, cfg.guidance_scale),
-                              batch_size=cfg.sample_batch, seed=cfg.seed)
+    pools = RedundantPoolStats()
+    method = None if guidance is None else make_guidance(guidance, cfg.guidance_scale)
+    if isinstance(method, ResamplingGuidance):
+        method = dataclasses.replace(method, stats=pools)
+    options = SamplingOptions(guidance=method, batch_size=cfg.sample_batch, seed=cfg.seed)
     pixels = generate(model, cfg.num_samples, labels, options)
     # No classifier for e.g. the 8x8 digits: the samples still make the grid.
     metrics = classifier_metrics(pixels, cfg.data, labels) if has_classifier(model, cfg.data) else {}
     save_grid(pixels[:100], grid, nrow=10, scale=2)
     return {**{k: metrics.get(k) for k in SAMPLE_METRICS[:3]},
-            "stripe_ratio": stripe_ratio(pixels, reference, model.config.patch_size)}
+            "stripe_ratio": stripe_ratio(pixels, reference, model.config.patch_size),
+            "redundant_ess": torch.cat(pools.ess).mean().item() if pools.ess else None,
+            "redundant_pool": _redundant_pool_size(model.config, method) if pools.ess else None}
+
+
+def _redundant_pool_size(config: FarmerConfig, guidance: ResamplingGuidance) -> int:
+    """Candidates in one redundant pool: s_c + s_u per token, or the shared pool's (s_c + s_u)·N by default."""
+    per_branch = (guidance.cond_candidates, guidance.uncond_candidates)
+    if config.redundant_mixture == "per_token":
+        return sum(per_branch)
+    if guidance.redundant_pool is None:
+        return sum(per_branch) * config.num_tokens
+    return guidance.redundant_pool * sum(n > 0 for n in per_branch)
 
 
 def _cell(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _pool_cell(result: dict[str, Any]) -> str:
+    ess = result.get("cfg_redundant_ess", result.get("redundant_ess"))
+    size = result.get("cfg_redundant_pool", result.get("redundant_pool"))
+    return "—" if ess is None else f"{ess:.1f} / {size}"
 
 
 def results_table(cfg: AblationConfig, results: list[dict[str, Any]]) -> str:
@@ -307,8 +331,9 @@ def results_table(cfg: AblationConfig, results: list[dict[str, Any]]) -> str:
         f"{cfg.guidance_scale:g}). CFG rows reuse the baseline's weights.",
         "",
         "| variant | change | AF params | AR params | total | test bpd ↓ | classifier score ↑ "
-        "| Fréchet dist. ↓ | accuracy ↑ | stripes (→ 1) | CFG: accuracy ↑ | CFG: Fréchet ↓ | CFG: stripes |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| Fréchet dist. ↓ | accuracy ↑ | stripes (→ 1) | CFG: accuracy ↑ | CFG: Fréchet ↓ | CFG: stripes "
+        "| CFG: Z^R pool ESS / size |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         p = r["params"]
@@ -316,7 +341,8 @@ def results_table(cfg: AblationConfig, results: list[dict[str, Any]]) -> str:
             f"| {r['variant']} | {r['description']} | {p['flow']:,} | {p['prior']:,} | {p['total']:,} "
             f"| {_cell(r['test_bpd'], 4)} | {_cell(r['classifier_score'])} | {_cell(r['frechet_distance'], 2)} "
             f"| {_cell(r['accuracy'])} | {_cell(r.get('stripe_ratio'), 2)} | {_cell(r.get('cfg_accuracy'))} "
-            f"| {_cell(r.get('cfg_frechet_distance'), 2)} | {_cell(r.get('cfg_stripe_ratio'), 2)} |"
+            f"| {_cell(r.get('cfg_frechet_distance'), 2)} | {_cell(r.get('cfg_stripe_ratio'), 2)} "
+            f"| {_pool_cell(r)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,12 @@ class Guidance(Protocol):
         redundant mixture, which is guided like the informative ones (docs/method.md §11)."""
         ...
 
+    def draw_redundant(self, cond: DiagonalMixture, uncond: DiagonalMixture,
+                       generator: torch.Generator | None) -> Tensor:
+        """One redundant vector per batch element from a per-token redundant mixture, (*batch, D): guided like
+        an informative token (docs/method.md §11), kept apart so that a method can watch its redundant pools."""
+        ...
+
     def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
                     generator: torch.Generator | None) -> Tensor:
         """The num_tokens redundant vectors of each image from its one shared mixture (batch (B,)):
@@ -76,12 +82,13 @@ class Guidance(Protocol):
 
 
 @dataclass
-class SharedPoolStats:
-    """Diversity of the shared redundant pool, appended per sampled batch when a caller asks for it by
-    passing one as ``ResamplingGuidance.stats``: each entry is (B,), one value per image."""
+class RedundantPoolStats:
+    """Diversity of the redundant candidate pools, appended as they are drawn when a caller asks for it by
+    passing one as ``ResamplingGuidance.stats``. Each entry is (B,): per image for the shared mixture's one
+    pool (N draws), per image and token for per-token mixtures (one draw from s_c + s_u candidates)."""
 
-    ess: list[Tensor] = field(default_factory=list)  # effective sample size of the image's pool
-    distinct: list[Tensor] = field(default_factory=list)  # distinct candidates among the image's N draws
+    ess: list[Tensor] = field(default_factory=list)  # effective sample size of each pool
+    distinct: list[Tensor] = field(default_factory=list)  # distinct candidates among a shared pool's N draws
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class ResamplingGuidance:
     # probabilities (Algorithm 1), or N distinct candidates (Gumbel-top-k on the same log-weights).
     redundant_draw: RedundantDraw = "with_replacement"
     # Not a knob: where the shared pool's diversity is recorded, when a caller wants it.
-    stats: SharedPoolStats | None = field(default=None, compare=False, repr=False)
+    stats: RedundantPoolStats | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_scale(self.scale)
@@ -143,6 +150,10 @@ class ResamplingGuidance:
 
     def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture, generator: torch.Generator | None) -> Tensor:
         return resampling_cfg_sample(cond, uncond, self, generator)
+
+    def draw_redundant(self, cond: DiagonalMixture, uncond: DiagonalMixture,
+                       generator: torch.Generator | None) -> Tensor:
+        return resampling_cfg_sample(cond, uncond, self, generator, record=True)
 
     def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
                     generator: torch.Generator | None) -> Tensor:
@@ -185,6 +196,8 @@ class NaiveGuidance:
     def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture, generator: torch.Generator | None) -> Tensor:
         return naive_cfg_sample(cond, uncond, self, generator)
 
+    draw_redundant = draw_token  # no pool to watch
+
     def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
                     generator: torch.Generator | None) -> Tensor:
         # No pool to share: each token's vector is its own guided draw of the shared mixture (docs/method.md §6).
@@ -208,9 +221,11 @@ def _resample(
     g: ResamplingGuidance,
     generator: torch.Generator | None,
     distinct: bool = False,
+    record: bool = False,
 ) -> Tensor:
     """Algorithm 1 on one pool per batch element: (*batch, num_draws, D), drawn with replacement, or as
-    num_draws distinct candidates when ``distinct``."""
+    num_draws distinct candidates when ``distinct``. ``record``: a redundant pool, whose diversity goes to
+    ``g.stats`` when it is set."""
     _check_pair(cond, uncond)
     # 1. Propose from the proposal-tempered mixtures.
     proposals = [
@@ -244,10 +259,11 @@ def _resample(
         pick = _distinct_picks(log_w, num_draws, generator)  # (rows, num_draws)
     else:
         pick = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
-    if g.stats is not None and num_draws > 1:
+    if record and g.stats is not None:
         g.stats.ess.append(effective_sample_size(probs).reshape(cond.batch_shape))
-        distinct_picks = (pick.sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1) + 1
-        g.stats.distinct.append(distinct_picks.reshape(cond.batch_shape))
+        if num_draws > 1:
+            distinct_picks = (pick.sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1) + 1
+            g.stats.distinct.append(distinct_picks.reshape(cond.batch_shape))
     candidates = pool.reshape(pool_size, rows, d).transpose(0, 1)  # (rows, P, D)
     drawn = candidates.gather(1, pick.unsqueeze(-1).expand(rows, num_draws, d))
     return drawn.reshape(*cond.batch_shape, num_draws, d)
@@ -268,12 +284,15 @@ def resampling_cfg_sample(
     uncond: DiagonalMixture,
     g: ResamplingGuidance,
     generator: torch.Generator | None = None,
+    record: bool = False,
 ) -> Tensor:
     """Resampling CFG (supplementary §8, Algorithm 1): one draw per batch element, (*batch, D).
 
     A pool of s_c candidates from p_c and s_u from p_u per element, weighted towards p' and resampled once.
+    ``record``: the pools are redundant ones, recorded in ``g.stats`` when it is set.
     """
-    return _resample(cond, uncond, g.cond_candidates, g.uncond_candidates, 1, g, generator).squeeze(-2)
+    return _resample(cond, uncond, g.cond_candidates, g.uncond_candidates, 1, g, generator,
+                     record=record).squeeze(-2)
 
 
 def resampling_cfg_sample_shared(
@@ -303,7 +322,7 @@ def resampling_cfg_sample_shared(
             f"drawing {num_tokens} distinct redundant vectors needs a pool of at least as many "
             f"candidates, got {num_cond + num_uncond}"
         )
-    return _resample(cond, uncond, num_cond, num_uncond, num_tokens, g, generator, distinct)
+    return _resample(cond, uncond, num_cond, num_uncond, num_tokens, g, generator, distinct, record=True)
 
 
 def naive_cfg_sample(

@@ -171,8 +171,10 @@ class _GuidedDraws:
         cond, uncond = head(h).chunk(2)
         return self.guidance.draw_token(cond, uncond, self.generator)
 
-    # Per-token redundant mixtures are guided like the informative ones (docs/method.md §11).
-    redundant = informative
+    def redundant(self, head: MixtureHead, h: Tensor, i: int) -> Tensor:
+        # Per-token redundant mixtures are guided like the informative ones (docs/method.md §11).
+        cond, uncond = head(h).chunk(2)
+        return self.guidance.draw_redundant(cond, uncond, self.generator)
 
     def shared(self, head: MixtureHead, h: Tensor) -> Tensor:
         cond, uncond = head(h).chunk(2)

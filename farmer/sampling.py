@@ -47,8 +47,8 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         errors = []
         if self.guidance is not None and not isinstance(self.guidance, Guidance):
-            errors.append(f"guidance must implement farmer.guidance.Guidance (draw_token, draw_shared) or be None, "
-                          f"got {self.guidance!r}")
+            errors.append("guidance must implement farmer.guidance.Guidance (draw_token, draw_redundant, "
+                          f"draw_shared) or be None, got {self.guidance!r}")
         for key in ("variance_scale", "temperature"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:

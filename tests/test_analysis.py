@@ -188,11 +188,14 @@ def test_normal_prior_variant_matches_the_baseline_parameter_count():
 
 
 def test_ablation_smoke_writes_the_table_and_resumes(tmp_path):
-    cfg = AblationConfig.smoke()
+    cfg = AblationConfig.smoke(guided_metrics=True)
     lines: list[str] = []
     results = run_ablation(cfg, tmp_path, log=lines.append)
     assert [r["variant"] for r in results] == [BASELINE, "no_final_permute"]
     assert all(np.isfinite(r["test_bpd"]) and r["test_bpd"] > 0 for r in results)
+    # Guided samples carry the redundant pool's effective sample size, between 1 and the pool's size.
+    for r in results:
+        assert r["redundant_ess"] is None and 1 <= r["cfg_redundant_ess"] <= r["cfg_redundant_pool"]
     assert results[1]["model"]["final_permute"] is False and results[0]["model"]["final_permute"] is True
     table = (tmp_path / "results.md").read_text()
     assert "| farmer | baseline |" in table and "| no_final_permute |" in table

@@ -13,8 +13,8 @@ from scipy import stats
 
 from farmer.guidance import (
     NaiveGuidance,
+    RedundantPoolStats,
     ResamplingGuidance,
-    SharedPoolStats,
     _distinct_picks,
     effective_sample_size,
     guidance_options,
@@ -441,7 +441,7 @@ def issue_case(seed: int) -> tuple[DiagonalMixture, DiagonalMixture]:
 
 
 def test_shared_pool_with_replacement_repeats_candidates_and_records_them() -> None:
-    pool_stats, tokens = SharedPoolStats(), 256
+    pool_stats, tokens = RedundantPoolStats(), 256
     cond, uncond = issue_case(17)
     g = ResamplingGuidance(redundant_draw="with_replacement", stats=pool_stats)
     out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18))
@@ -471,8 +471,27 @@ def test_shared_pool_with_replacement_resamples_by_the_importance_weights() -> N
     assert chi2 < stats.chi2.ppf(0.999, 4)
 
 
+@pytest.mark.parametrize("redundant_mixture", ["shared", "per_token"])
+def test_the_recorder_sees_only_redundant_pools(redundant_mixture: str) -> None:
+    torch.manual_seed(0)
+    prior = randomize(ARPrior(small_config(redundant_mixture=redundant_mixture))).eval()
+    labels, pool_stats = torch.tensor([1, 4, 9]), RedundantPoolStats()
+    g = ResamplingGuidance(stats=pool_stats)
+    latents = prior.sample(labels, gen(3), g)
+    per_token, pool = redundant_mixture == "per_token", g.cond_candidates + g.uncond_candidates
+    # One pool per image and token (per-token mixtures), or one per image of (s_c + s_u)·N candidates.
+    assert len(pool_stats.ess) == (prior.num_tokens if per_token else 1)
+    assert len(pool_stats.distinct) == (0 if per_token else 1)
+    for ess in pool_stats.ess:
+        assert ess.shape == (3,) and (ess >= 1 - 1e-5).all()
+        assert (ess <= (pool if per_token else pool * prior.num_tokens) + 1e-4).all()
+    # Recording changes nothing about the draws.
+    for a, b in zip(latents, prior.sample(labels, gen(3), dataclasses.replace(g, stats=None)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_shared_pool_without_replacement_draws_distinct_candidates() -> None:
-    tokens, pool_stats = 256, SharedPoolStats()
+    tokens, pool_stats = 256, RedundantPoolStats()
     cond, uncond = issue_case(17)
     g = ResamplingGuidance(redundant_draw="without_replacement", stats=pool_stats)
     out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18))
@@ -524,12 +543,18 @@ class ConstantGuidance:
 
     def __init__(self) -> None:
         self.token_pairs: list[tuple[DiagonalMixture, DiagonalMixture]] = []
+        self.redundant_draws = 0
         self.shared_tokens: list[int] = []
 
     def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture,
                    generator: torch.Generator | None) -> torch.Tensor:
         self.token_pairs.append((cond, uncond))
         return torch.full((*cond.batch_shape, cond.dim), 7.0)
+
+    def draw_redundant(self, cond: DiagonalMixture, uncond: DiagonalMixture,
+                       generator: torch.Generator | None) -> torch.Tensor:
+        self.redundant_draws += 1
+        return torch.full((*cond.batch_shape, cond.dim), 5.0)
 
     def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
                     generator: torch.Generator | None) -> torch.Tensor:
@@ -543,12 +568,13 @@ def test_the_prior_samples_through_any_guidance(redundant_mixture: str) -> None:
     prior = randomize(ARPrior(small_config(redundant_mixture=redundant_mixture))).eval()
     labels, guidance, n = torch.tensor([1, 4, 9]), ConstantGuidance(), prior.num_tokens
     zi, zr = prior.sample(labels, gen(0), guidance)
-    # The guidance's draws are the latents: one draw_token per token (two with per-token redundant mixtures,
-    # docs/method.md §11), and one draw_shared of all N redundant vectors otherwise.
+    # The guidance's draws are the latents: one draw_token per token, plus one draw_redundant per token with
+    # per-token redundant mixtures (docs/method.md §11) or one draw_shared of all N redundant vectors.
     per_token = redundant_mixture == "per_token"
     assert zi.shape == (3, n, prior.informative_dim) and (zi == 7.0).all()
-    assert zr.shape == (3, n, prior.redundant_dim) and (zr == (7.0 if per_token else -3.0)).all()
-    assert len(guidance.token_pairs) == (2 * n if per_token else n)
+    assert zr.shape == (3, n, prior.redundant_dim) and (zr == (5.0 if per_token else -3.0)).all()
+    assert len(guidance.token_pairs) == n
+    assert guidance.redundant_draws == (n if per_token else 0)
     assert guidance.shared_tokens == ([] if per_token else [n])
     # The first pair is token 1's mixture under the labels (p_c) and under the null class (p_u).
     cond, uncond = guidance.token_pairs[0]
