@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from farmer.channels import ChannelMixing
 from farmer.config import FarmerConfig
-from farmer.nn import KVCache, Transformer
+from farmer.nn import KVCache, Transformer, transposed_weights
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
@@ -104,13 +104,16 @@ class FlowBlock(nn.Module):
         x = torch.empty_like(y)
         x[:, 0] = y[:, 0]
         cache.length = 0
-        decoder = self.transformer.decoder()
-        # affine_params one token at a time, through the Decoder's lean step; fp32 as there.
+        decoder = self.transformer.decoder(self.proj_in, self.pos)
+        out_weight, out_bias = transposed_weights(self.proj_out)
+        c = self.log_scale_bound
+        # affine_params one token at a time, through the Decoder's lean step; fp32 as there. In place, the
+        # bounded scale of _bounded: σ⁻¹ = exp(−c·tanh(a/c)).
         with torch.autocast(device_type=y.device.type, enabled=False):
             for i in range(1, y.shape[1]):
-                h = decoder.step(self.proj_in(x[:, i - 1]) + self.pos[i - 1], cache)
-                mu, log_scale = self._bounded(self.proj_out(h))
-                x[:, i] = y[:, i] * torch.exp(-log_scale) + mu
+                h = decoder.embed_step(x[:, i - 1], i - 1, cache)
+                mu, a = torch.addmm(out_bias, h, out_weight).chunk(2, dim=-1)
+                x[:, i] = torch.addcmul(mu, y[:, i], a.div(c).tanh_().mul_(-c).exp_())
         return self.unmix(self.permute(x))
 
     def jacobi_inverse(self, z: Tensor, cache: KVCache, group_size: int, tol: float) -> tuple[Tensor, int]:
@@ -196,7 +199,6 @@ class AutoregressiveFlow(nn.Module):
             z = self.blocks[index].inverse(z, cache)
             check_finite(z, f"flow block {index + 1} of {len(self.blocks)} (inverse)")
         return z
-
 
     @torch.no_grad()
     def jacobi_inverse(self, z: Tensor, group_size: int | None = None, tol: float = 1e-5,

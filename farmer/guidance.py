@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from farmer.mixture import DiagonalMixture, gumbel_noise, pick_components
@@ -212,6 +213,23 @@ def _check_pair(cond: DiagonalMixture, uncond: DiagonalMixture) -> None:
         )
 
 
+def _joint(cond: DiagonalMixture, uncond: DiagonalMixture) -> DiagonalMixture:
+    """p_c and p_u as one mixture of batch (2, *batch), so that each step of Algorithm 1 runs once for both
+    branches. A branch with fewer components is padded with components of weight zero (logit −inf), which
+    are never drawn and add nothing to its density."""
+    k = max(cond.num_components, uncond.num_components)
+    parts = [_padded(mix, k) for mix in (cond, uncond)]
+    return DiagonalMixture._derived(*(torch.stack(tensors) for tensors in zip(*parts, strict=True)))
+
+
+def _padded(mix: DiagonalMixture, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    pad = k - mix.num_components
+    if pad == 0:
+        return mix.logits, mix.means, mix.scales
+    return (F.pad(mix.logits, (0, pad), value=-math.inf), F.pad(mix.means, (0, 0, 0, pad)),
+            F.pad(mix.scales, (0, 0, 0, pad), value=1.0))
+
+
 def _resample(
     cond: DiagonalMixture,
     uncond: DiagonalMixture,
@@ -227,40 +245,39 @@ def _resample(
     num_draws distinct candidates when ``distinct``. ``record``: a redundant pool, whose diversity goes to
     ``g.stats`` when it is set."""
     _check_pair(cond, uncond)
-    # 1. Propose from the proposal-tempered mixtures.
-    proposals = [
-        g.temper(mix, g.proposal_weight_temperature, g.proposal_std_scale).sample((n,), generator)
-        for mix, n in ((cond, num_cond), (uncond, num_uncond))
-        if n > 0
-    ]
-    pool = torch.cat(proposals)  # (P, *batch, D)
+    both = _joint(cond, uncond)
+    # 1. Propose from the proposal-tempered mixtures: max(s_c, s_u) draws of each branch, the first s_c
+    # conditional and s_u unconditional ones kept (the defaults draw as many of each).
+    drawn = g.temper(both, g.proposal_weight_temperature, g.proposal_std_scale).sample(
+        (max(num_cond, num_uncond),), generator)  # (n, 2, *batch, D)
+    pool = torch.cat([drawn[:num_cond, 0], drawn[:num_uncond, 1]])  # (P, *batch, D)
     # 2. Weigh. Δ uses the eval-tempered mixtures. A candidate from p_c has importance weight
     # p'/p_c = e^{wΔ}, one from p_u has p'/p_u = e^{(w+1)Δ}; under its own proposal each has mean
     # Z' = ∫ p_c^(1+w) p_u^(−w), so the weights of both branches are on one scale and are normalised by ONE
     # softmax over the joint pool: self-normalised importance resampling, exact as the pool grows when every
     # temperature is 1, and the better-matched branch wins more draws (normalising per branch would fix the
     # split at s_c : s_u). T_s multiplies the log-weights before that softmax.
-    cond_v = g.temper(cond, g.eval_weight_temperature, g.eval_std_scale)
-    uncond_v = g.temper(uncond, g.eval_weight_temperature, g.eval_std_scale)
-    delta = cond_v.log_prob(pool) - uncond_v.log_prob(pool)  # (P, *batch)
-    coef = torch.cat([delta.new_full((num_cond,), g.scale), delta.new_full((num_uncond,), g.scale + 1.0)]).view(
-        -1, *([1] * (delta.ndim - 1))
-    )
-    # 0·Δ is exactly 0 even where Δ = ±inf (w = 0 leaves conditional candidates unweighted).
-    log_w = torch.where(coef == 0, 0.0, coef * delta) * g.resample_temperature
+    log_p = g.temper(both, g.eval_weight_temperature, g.eval_std_scale).log_prob(pool.unsqueeze(1))  # (P, 2, …)
+    delta = log_p[:, 0] - log_p[:, 1]  # (P, *batch)
+    # w = 0 leaves conditional candidates unweighted: exactly 0, even where Δ = ±inf.
+    log_w = delta * g.scale if g.scale else torch.zeros_like(delta)
+    log_w[num_cond:] += delta[num_cond:]
+    if g.resample_temperature != 1:
+        log_w *= g.resample_temperature
     # Δ = +inf (p_u underflows) -> bound, always preferred; NaN (both underflow, inf − inf) and −inf ->
     # −bound, never preferred unless the whole pool is so, then uniform. The pool stays finite either way.
-    log_w = torch.nan_to_num(log_w, nan=-_LOG_WEIGHT_BOUND).clamp(-_LOG_WEIGHT_BOUND, _LOG_WEIGHT_BOUND)
-    # 3. Resample, per batch element.
+    log_w = torch.nan_to_num(log_w, nan=-_LOG_WEIGHT_BOUND).clamp_(-_LOG_WEIGHT_BOUND, _LOG_WEIGHT_BOUND)
+    # 3. Resample, per batch element. Shifted so that every row's largest log-weight is 0: the Gumbel noise
+    # then also breaks ties between candidates at the bound.
     rows, pool_size, d = math.prod(cond.batch_shape), pool.shape[0], cond.dim
     log_w = log_w.reshape(pool_size, rows).T  # (rows, P)
-    probs = torch.softmax(log_w, dim=-1)
+    log_w = log_w - log_w.amax(dim=-1, keepdim=True)
     if distinct:
         pick = _distinct_picks(log_w, num_draws, generator)  # (rows, num_draws)
-    else:
-        pick = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
+    else:  # Gumbel-max: num_draws i.i.d. indices from softmax(log_w), without multinomial's per-call checks
+        pick = (log_w[:, None, :] + gumbel_noise((rows, num_draws, pool_size), generator, log_w.device)).argmax(-1)
     if record and g.stats is not None:
-        g.stats.ess.append(effective_sample_size(probs).reshape(cond.batch_shape))
+        g.stats.ess.append(effective_sample_size(torch.softmax(log_w, dim=-1)).reshape(cond.batch_shape))
         if num_draws > 1:
             distinct_picks = (pick.sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1) + 1
             g.stats.distinct.append(distinct_picks.reshape(cond.batch_shape))

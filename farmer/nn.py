@@ -9,6 +9,7 @@ decoding state, so one model can serve several samplers at once. One-token steps
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,25 +18,34 @@ from torch import Tensor, nn
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values for every layer of one transformer: (layers, B, heads, max_len, head_dim).
+    """Preallocated keys and values for every layer of one transformer, in one tensor
+    (layers, 2, B, heads, max_len, head_dim): index 0 holds the keys, 1 the values, so a decoding step writes
+    both with one copy.
 
     Positions ``[0, length)`` are filled; a step writes its keys/values at ``[length, length + T)`` and
     the caller advances ``length`` once all layers have run (:meth:`advance`).
     """
 
-    keys: Tensor
-    values: Tensor
+    kv: Tensor
     length: int = 0
 
     @classmethod
     def allocate(cls, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype) -> KVCache:
-        shape = (layers, batch, heads, max_len, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(torch.zeros(layers, 2, batch, heads, max_len, head_dim, device=device, dtype=dtype))
+
+    @property
+    def keys(self) -> Tensor:
+        """(layers, B, heads, max_len, head_dim), a view."""
+        return self.kv[:, 0]
+
+    @property
+    def values(self) -> Tensor:
+        return self.kv[:, 1]
 
     @property
     def max_len(self) -> int:
-        return self.keys.shape[3]
+        return self.kv.shape[4]
 
     def advance(self, steps: int) -> None:
         if self.length + steps > self.max_len:
@@ -57,10 +67,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
             start = cache.length
-            cache.keys[layer, :, :, start:start + t] = k
-            cache.values[layer, :, :, start:start + t] = v
-            k = cache.keys[layer, :, :, :start + t]
-            v = cache.values[layer, :, :, :start + t]
+            kv = cache.kv[layer]
+            kv[0, :, :, start:start + t] = k
+            kv[1, :, :, start:start + t] = v
+            k, v = kv[0, :, :, :start + t], kv[1, :, :, :start + t]
             mask = None
             if causal and t > 1:
                 # query at absolute position start+i sees keys at positions <= start+i
@@ -107,46 +117,41 @@ class Transformer(nn.Module):
         return KVCache.allocate(len(self.layers), batch, self.heads, self.max_len, self.width // self.heads,
                                 device, dtype)
 
-    def decoder(self) -> Decoder:
-        """A :class:`Decoder` of this transformer's current weights."""
-        return Decoder(self)
+    def decoder(self, embed: nn.Linear | None = None, positions: Tensor | None = None) -> Decoder:
+        """A :class:`Decoder` of this transformer's current weights; with the model's input projection
+        ``embed`` and position table ``positions`` (L, width) it also embeds tokens (:meth:`Decoder.embed_step`)."""
+        return Decoder(self, embed, positions)
 
 
-@dataclass(frozen=True)
-class _Affine:
-    """A Linear's weight transposed once to a contiguous (in, out) matrix: one addmm per call on 2-D rows.
-
-    Measured on the CPU at one row, ``F.linear`` on a 3-D input costs about 2.5× this (the transposed-weight
-    GEMM path plus the reshapes), which is most of a decoding step at batch 1.
-    """
-
-    weight: Tensor
-    bias: Tensor
-
-    @classmethod
-    def of(cls, linear: nn.Linear) -> _Affine:
-        return cls(linear.weight.detach().t().contiguous(), linear.bias.detach())
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, x, self.weight)
+def transposed_weights(linear: nn.Linear) -> tuple[Tensor, Tensor]:
+    """A Linear's (weight transposed once to a contiguous (in, out) matrix, bias): one ``addmm`` per call on
+    2-D rows. Measured on the CPU at one row, ``F.linear`` on a 3-D input costs about 2.5× that (the
+    transposed-weight GEMM path plus the reshapes), which is most of a decoding step at batch 1."""
+    return linear.weight.detach().t().contiguous(), linear.bias.detach()
 
 
-def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+class _DecodeLayer(NamedTuple):
+    """One layer's weights as plain tensors: a step reads them with no module attribute lookups."""
 
-
-@dataclass(frozen=True)
-class _DecodeLayer:
-    layer: TransformerLayer
-    qkv: _Affine
-    proj: _Affine
-    fc1: _Affine
-    fc2: _Affine
+    norm1_weight: Tensor
+    norm1_bias: Tensor
+    qkv_weight: Tensor
+    qkv_bias: Tensor
+    proj_weight: Tensor
+    proj_bias: Tensor
+    norm2_weight: Tensor
+    norm2_bias: Tensor
+    fc1_weight: Tensor
+    fc1_bias: Tensor
+    fc2_weight: Tensor
+    fc2_bias: Tensor
 
     @classmethod
     def of(cls, layer: TransformerLayer) -> _DecodeLayer:
         fc1, _, fc2 = layer.mlp
-        return cls(layer, _Affine.of(layer.attn.qkv), _Affine.of(layer.attn.proj), _Affine.of(fc1), _Affine.of(fc2))
+        return cls(layer.norm1.weight.detach(), layer.norm1.bias.detach(), *transposed_weights(layer.attn.qkv),
+                   *transposed_weights(layer.attn.proj), layer.norm2.weight.detach(), layer.norm2.bias.detach(),
+                   *transposed_weights(fc1), *transposed_weights(fc2))
 
 
 class Decoder:
@@ -154,32 +159,45 @@ class Decoder:
 
     ``step(x, cache)`` is ``transformer(x[:, None], cache=cache)[:, 0]`` (tests/test_prior.py and
     tests/test_flow.py compare them), with less work per step, which is what bounds sequential decoding at
-    small batches: 2-D rows throughout, pre-transposed weights (:class:`_Affine`), no module dispatch, and the
-    new key and value written into the cache by one copy each. Build it once per decoding loop: it holds
-    copies of the weights, so it goes stale if they change.
+    small batches: 2-D rows throughout, pre-transposed weights held as plain tensors (:class:`_DecodeLayer`),
+    no module dispatch, and the new key and value written into the cache by one copy. Build it once per decoding
+    loop: it holds copies of the weights, so it goes stale if they change. All layer norms of a transformer
+    share one width and eps.
     """
 
-    def __init__(self, transformer: Transformer) -> None:
-        self.transformer = transformer
+    def __init__(self, transformer: Transformer, embed: nn.Linear | None = None,
+                 positions: Tensor | None = None) -> None:
+        self.heads = transformer.heads
         self.layers = [_DecodeLayer.of(layer) for layer in transformer.layers]
+        self.norm_shape, self.eps = transformer.norm.normalized_shape, transformer.norm.eps
+        self.norm_weight, self.norm_bias = transformer.norm.weight.detach(), transformer.norm.bias.detach()
+        if embed is not None and positions is not None:
+            self.embed_weight, bias = transposed_weights(embed)
+            self.embed_bias = bias + positions.detach()  # (L, width): the bias of the embedding at each position
+
+    @torch.no_grad()
+    def embed_step(self, token: Tensor, position: int, cache: KVCache) -> Tensor:
+        """``step(embed(token) + positions[position], cache)`` for token (B, in), with the embedding's bias and
+        the position folded into one ``addmm``."""
+        return self.step(torch.addmm(self.embed_bias[position], token, self.embed_weight), cache)
 
     @torch.no_grad()
     def step(self, x: Tensor, cache: KVCache) -> Tensor:
         """x (B, width), the next position's input -> its output (B, width); advances the cache by one."""
         b, w = x.shape
-        heads = self.transformer.heads
-        pos = cache.length
-        for index, d in enumerate(self.layers):
-            qkv = d.qkv(_layer_norm(d.layer.norm1, x)).view(b, 3, heads, w // heads)
-            cache.keys[index, :, :, pos] = qkv[:, 1]
-            cache.values[index, :, :, pos] = qkv[:, 2]
-            k = cache.keys[index, :, :, : pos + 1]
-            v = cache.values[index, :, :, : pos + 1]
-            attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v)  # (B, heads, 1, head_dim)
-            x = x + d.proj(attended.reshape(b, w))
-            x = x + d.fc2(F.gelu(d.fc1(_layer_norm(d.layer.norm2, x))))
+        heads, shape, eps, pos = self.heads, self.norm_shape, self.eps, cache.length
+        for d, kv in zip(self.layers, cache.kv, strict=True):
+            qkv = torch.addmm(d.qkv_bias, F.layer_norm(x, shape, d.norm1_weight, d.norm1_bias, eps), d.qkv_weight)
+            qkv = qkv.view(b, 3, heads, w // heads)
+            kv.select(3, pos).copy_(qkv[:, 1:].transpose(0, 1))
+            past = kv[:, :, :, : pos + 1]
+            attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], past[0], past[1])  # (B, heads, 1, hd)
+            x = x + torch.addmm(d.proj_bias, attended.reshape(b, w), d.proj_weight)
+            hidden = F.gelu(torch.addmm(d.fc1_bias, F.layer_norm(x, shape, d.norm2_weight, d.norm2_bias, eps),
+                                        d.fc1_weight))
+            x = x + torch.addmm(d.fc2_bias, hidden, d.fc2_weight)
         cache.advance(1)
-        return _layer_norm(self.transformer.norm, x)
+        return F.layer_norm(x, shape, self.norm_weight, self.norm_bias, eps)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -111,7 +111,7 @@ class ARPrior(nn.Module):
         else:
             draws = _GuidedDraws(guidance, generator, n)
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
-        decoder = self.transformer.decoder()
+        decoder = self.transformer.decoder(self.proj_in, self.pos)
         cache = self.transformer.allocate_cache(labels.shape[0], labels.device, self.pos.dtype)
         informative = torch.empty(batch, n, self.informative_dim, device=labels.device, dtype=self.pos.dtype)
         redundant = informative.new_zeros(batch, n, self.redundant_dim)
@@ -119,8 +119,8 @@ class ARPrior(nn.Module):
         for i in range(n):
             informative[:, i] = draws.informative(self.informative_head, h, i)
             if i + 1 < n or self.redundant_head is not None:
-                x = self.proj_in(informative[:, i]) + self.pos[self.repeat + i]
-                h = decoder.step(draws.rows(x), cache)  # every branch continues from the drawn token
+                # every branch continues from the drawn token
+                h = decoder.embed_step(draws.rows(informative[:, i]), self.repeat + i, cache)
             if self.per_token_redundant and self.redundant_head is not None:
                 redundant[:, i] = draws.redundant(self.redundant_head, h, i)
             if progress is not None:

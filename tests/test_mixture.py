@@ -79,6 +79,30 @@ def test_log_prob_stays_finite_far_from_every_component() -> None:
     assert torch.isfinite(lp).all() and lp.item() < -1e9
 
 
+def test_log_sum_exp_equals_torch_logsumexp_and_its_gradient_is_the_softmax() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(200, 16, generator=g, dtype=torch.float64) * 50).requires_grad_()
+    out = mixture_module.log_sum_exp(x)
+    torch.testing.assert_close(out, torch.logsumexp(x, dim=-1))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, torch.softmax(x, dim=-1))
+    # Ties at the max, rows of one finite entry, of all −inf, and with a NaN.
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor([[2.0, 2.0, -1.0], [-inf, 3.0, -inf], [-inf, -inf, -inf], [0.0, nan, 1.0]])
+    expected = torch.logsumexp(rows, dim=-1)
+    torch.testing.assert_close(mixture_module.log_sum_exp(rows), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize(("a", "b"),
+                         [((5, 1, 3), (4, 1)), ((2,), (3,)), ((), (4, 2)), ((3, 1), (3, 1)), ((0, 2), (1,))])
+def test_broadcast_shapes_as_torch(a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    try:
+        expected = torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        expected = None
+    assert mixture_module._broadcast(torch.Size(a), torch.Size(b)) == expected
+
+
 def test_log_prob_broadcasts_leading_sample_dims() -> None:
     mix = random_mixture((3, 2), k=4, d=5)
     z = torch.randn(6, 3, 2, 5)
