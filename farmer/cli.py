@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ValueError, OSError, RuntimeError, TypeError) as err:  # OSError: unwritable paths and the like
         print(f"farmer: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM
     return 0
 
 

@@ -14,6 +14,8 @@ import contextlib
 import copy
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -302,6 +304,27 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or Inf; nothing after the last finite checkpoint was saved."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """A SIGTERM (a cluster's preemption or ``kill``) stopped training after saving its step; it resumes exactly."""
+
+    exit_status = 143  # the CLI's, as for a process killed by SIGTERM (128 + 15): schedulers may requeue it
+
+
+@contextlib.contextmanager
+def _termination_requests() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while the block runs (in the main thread; elsewhere signals cannot be caught and
+    the event stays clear). The previous handler is restored afterwards."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # Objectives and the step ---------------------------------------------------------------------------
 def make_objective(cfg: TrainConfig) -> Objective:
     """``cfg.objective`` as an :class:`~farmer.objective.Objective`."""
@@ -390,6 +413,10 @@ def train(model_config: FarmerConfig, cfg: TrainConfig, out_dir: str | Path, dev
     Inf loss (or weights) raises TrainingDiverged at the next logging, evaluation or save step, before
     anything is evaluated or saved, so the last checkpoint stays the last finite one. The run stops rather
     than skipping bad steps: deciding to skip needs the loss on the host every step, a device sync.
+
+    A SIGTERM (preemption, ``scancel``, ``kill``; torchrun forwards it to every rank) stops the run at its next
+    logging step, which is saved like any checkpoint; then TrainingInterrupted is raised. Running the same command
+    again resumes exactly.
     """
     rt = init_runtime(device)
     with lock_run_directory(out_dir) if rt.main else contextlib.nullcontext():
@@ -496,28 +523,43 @@ class _Session:
         batches = iter(loader)
         bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not (progress and rt.main), dynamic_ncols=True)
         last: dict[str, Any] = {}
-        for step in range(self.start_step, cfg.steps):
-            result, lr, noise_std = self._step(step, batches)
-            done = step + 1
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                last = self._log_step(done, result, lr, noise_std, bar)
-            if done % cfg.eval_every == 0 or done % cfg.sample_every == 0 or done == cfg.steps:
-                record, key = self._evaluate(done), self.objective.eval_key
-                if key in record:
-                    last[key] = record[key]
-                    bar.write(f"step {done}: {self.objective.eval_label} {record[key]:.4f}")
-            stopping = stop_at is not None and done >= stop_at
-            if done % cfg.save_every == 0 or done == cfg.steps or stopping:
-                self._save(done)
-            if rt.world > 1:
-                dist.barrier()
-            if stopping:
-                break
+        terminated = False
+        with _termination_requests() as requested:
+            for step in range(self.start_step, cfg.steps):
+                result, lr, noise_std = self._step(step, batches)
+                done = step + 1
+                bar.update(1)
+                logged = done % cfg.log_every == 0 or done == cfg.steps
+                if logged:
+                    last = self._log_step(done, result, lr, noise_std, bar)
+                if done % cfg.eval_every == 0 or done % cfg.sample_every == 0 or done == cfg.steps:
+                    record, key = self._evaluate(done), self.objective.eval_key
+                    if key in record:
+                        last[key] = record[key]
+                        bar.write(f"step {done}: {self.objective.eval_label} {record[key]:.4f}")
+                # A SIGTERM is honoured at the next logging step, where the loop syncs anyway; every rank agrees.
+                terminated = logged and self._any_rank(requested.is_set())
+                stopping = terminated or (stop_at is not None and done >= stop_at)
+                if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+                    self._save(done)
+                if rt.world > 1:
+                    dist.barrier()
+                if stopping:
+                    break
         bar.close()
         if self.metrics_log.mirror is not None:
             self.metrics_log.mirror.close()
+        if terminated:
+            raise TrainingInterrupted(f"stopped by SIGTERM after step {done}, saved in {self.out}; run the same "
+                                      "command again to resume it exactly")
         return last
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.rt.world == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.rt.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def _step(self, step: int, batches: Iterator[list[Tensor]]) -> tuple[StepResult, float, float]:
         """Step ``step`` (0-based) at its learning rate and dequantisation noise: (result, lr, noise std)."""

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -119,6 +120,47 @@ def test_stop_and_resume_is_bitwise_exact(uninterrupted: Path, tmp_path: Path, s
     assert_same_as_uninterrupted(tmp_path, uninterrupted)
 
 
+def sigterm_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The process receives SIGTERM while step ``step`` is being logged (a preemption in the middle of a run)."""
+    log_step = trainer._Session._log_step
+
+    def logging_then_sigterm(self: Any, done: int, *args: Any) -> dict[str, Any]:
+        if done == step:
+            signal.raise_signal(signal.SIGTERM)
+        return log_step(self, done, *args)
+
+    monkeypatch.setattr(trainer._Session, "_log_step", logging_then_sigterm)
+
+
+def test_sigterm_saves_the_step_and_resume_is_bitwise_exact(uninterrupted: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    sigterm_at_step(monkeypatch, 4)
+    with pytest.raises(trainer.TrainingInterrupted, match="SIGTERM after step 4") as stopped:
+        run(TINY, RESUME_CFG, tmp_path)
+    assert stopped.value.exit_status == 143
+    assert signal.getsignal(signal.SIGTERM) == before  # the trainer's handler is gone with it
+    assert (tmp_path / "LATEST").read_text().strip() == "step-00000004"
+    monkeypatch.undo()
+    run(TINY, RESUME_CFG, tmp_path)
+    assert_same_as_uninterrupted(tmp_path, uninterrupted)
+
+
+def test_the_cli_exits_143_after_a_sigterm_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from farmer.cli import main
+
+    command = ["train", "--preset", "tiny", "--data", "digits", "--out", str(tmp_path), "--steps", "12",
+               "--eval-every", "100", "--sample-every", "100", "--save-every", "100"]
+    sigterm_at_step(monkeypatch, 10)  # the tiny preset logs every 10 steps
+    assert main(command) == 143
+    assert "SIGTERM after step 10" in capsys.readouterr().err
+    assert (tmp_path / "LATEST").read_text().strip() == "step-00000010"
+    monkeypatch.undo()
+    assert main(command) == 0
+    assert (tmp_path / "LATEST").read_text().strip() == "step-00000012"
+
+
 def test_resume_after_a_crash_drops_the_lost_steps_metrics(
     uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,7 +186,6 @@ def test_resume_with_another_model_config_is_refused(tmp_path: Path) -> None:
         run(TINY.replace(prior_layers=2), RESUME_CFG, tmp_path)
 
 
-
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(uninterrupted: Path, tmp_path: Path) -> None:
     """Fine-tuning: the new run starts from the source's EMA weights."""
     source = load_model(uninterrupted)
@@ -157,10 +198,12 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(uninterrupted: Pa
     with pytest.raises(ValueError, match=r"--init-from .*prior_layers"):
         run(TINY.replace(prior_layers=2), cfg, tmp_path / "mismatch")
 
+
 # DDP and FSDP under torchrun ------------------------------------------------------------------------------------
 DRIVER = '''\
 """torchrun driver: train (stopping and resuming as told), then write this rank's final weights."""
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -183,9 +226,24 @@ def capture(module, rt, cfg):
 
 
 trainer.full_state = capture
+sigterm = spec.get("sigterm")  # {"rank": r, "step": s}: rank r alone gets SIGTERM while logging step s, once
+log_step = trainer._Session._log_step
+
+
+def logging_then_sigterm(self, done, *args):
+    if sigterm and dist.get_rank() == sigterm["rank"] and done == sigterm["step"]:
+        sigterm.clear()
+        signal.raise_signal(signal.SIGTERM)
+    return log_step(self, done, *args)
+
+
+trainer._Session._log_step = logging_then_sigterm
 for stop_at in spec["stops"]:
-    trainer.train(FarmerConfig.from_dict(spec["model"]), trainer.TrainConfig.from_dict(spec["train"]),
-                  spec["out"], device="cpu", progress=False, log=lambda _: None, stop_at=stop_at)
+    try:
+        trainer.train(FarmerConfig.from_dict(spec["model"]), trainer.TrainConfig.from_dict(spec["train"]),
+                      spec["out"], device="cpu", progress=False, log=lambda _: None, stop_at=stop_at)
+    except trainer.TrainingInterrupted as stopped:
+        print(f"rank {dist.get_rank()}: {stopped}", flush=True)
 model, ema = captured[-2:]
 if model:  # FSDP gathers full state on rank 0 only
     tensors = {**{"model." + k: v for k, v in model.items()}, **{"ema." + k: v for k, v in ema.items()}}
@@ -210,14 +268,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path: Path, cfg: TrainConfig, stops: list[int | None]) -> Path:
-    """Two CPU processes (gloo) training ``cfg`` into tmp_path/run; returns the run dir."""
+def torchrun(tmp_path: Path, cfg: TrainConfig, stops: list[int | None],
+             sigterm: dict[str, int] | None = None) -> tuple[Path, str]:
+    """Two CPU processes (gloo) training ``cfg`` into tmp_path/run; returns the run dir and their output."""
     out = tmp_path / "run"
     driver, spec = tmp_path / "driver.py", tmp_path / "spec.json"
     driver.write_text(DRIVER)
-    spec.write_text(
-        json.dumps({"model": DIST_MODEL.to_dict(), "train": cfg.to_dict(), "out": str(out), "stops": stops})
-    )
+    spec.write_text(json.dumps({"model": DIST_MODEL.to_dict(), "train": cfg.to_dict(), "out": str(out),
+                                "stops": stops, "sigterm": sigterm}))
     env = {
         k: v
         for k, v in os.environ.items()
@@ -240,7 +298,7 @@ def torchrun(tmp_path: Path, cfg: TrainConfig, stops: list[int | None]) -> Path:
         timeout=400,
     )
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return out
+    return out, result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -286,8 +344,10 @@ def logged_losses(run_dir: Path) -> list[float]:
 
 def test_ddp_two_processes_agree_with_each_other_and_with_one_process(tmp_path: Path, single_process: Path) -> None:
     # grad_accum 2 (micro-batches of 4 per rank) also exercises no_sync; stopping at step 1 and resuming
-    # exercises restoring each rank's own RNG state.
-    out = torchrun(tmp_path, replace(DIST_CFG, grad_accum=2), stops=[1, None])
+    # exercises restoring each rank's own RNG state. A SIGTERM to rank 1 alone at step 2 stops both ranks there.
+    out, output = torchrun(tmp_path, replace(DIST_CFG, grad_accum=2), stops=[1, None, None],
+                           sigterm={"rank": 1, "step": 2})
+    assert all(f"rank {r}: stopped by SIGTERM after step 2" in output for r in (0, 1)), output
     ranks = [load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys()
     for key in ranks[0]:
@@ -302,7 +362,7 @@ def test_ddp_two_processes_agree_with_each_other_and_with_one_process(tmp_path: 
 
 def test_fsdp_trains_saves_a_plain_checkpoint_and_resumes(tmp_path: Path, single_process: Path) -> None:
     # Stop at step 2 and resume: evaluation at step 3 (then training goes on) and at the end, with samples.
-    out = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp", eval_every=3), stops=[2, None])
+    out, _ = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp", eval_every=3), stops=[2, None])
     model = load_model(out, ema=False)  # a plain, unsharded Farmer
     ema = load_model(out)
     weights = {
