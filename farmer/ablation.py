@@ -247,7 +247,9 @@ def run_variant(
 
     start = time.perf_counter()
     reference = dataset_pixels(cfg.data, "test", cfg.num_samples, model_config.image_size, cfg.data_root)
-    guided = variant.guidance or ("resampling" if cfg.guided_metrics and model_config.conditional else None)
+    # The standard-normal prior ignores the class, so there is nothing to guide.
+    guidable = model_config.conditional and model_config.prior == "ar"
+    guided = variant.guidance or ("resampling" if cfg.guided_metrics and guidable else None)
     samples = {"": _sample_metrics(model, cfg, variant.guidance, reference, out_dir / name / "samples.png")}
     if guided and not variant.guidance:
         samples["cfg_"] = _sample_metrics(model, cfg, guided, reference, out_dir / name / "samples_cfg.png")

@@ -211,6 +211,13 @@ def test_ablation_smoke_writes_the_table_and_resumes(tmp_path):
         run_ablation(AblationConfig.smoke(steps=5), tmp_path, log=lines.append)
 
 
+def test_guided_metrics_skip_the_unguidable_standard_normal_prior(tmp_path):
+    (result,) = run_ablation(AblationConfig.smoke(guided_metrics=True, variants=("normal_prior",)), tmp_path,
+                             log=lambda _: None)
+    assert result["guidance_scale"] is None and "cfg_accuracy" not in result
+    assert np.isfinite(result["test_bpd"]) and result["stripe_ratio"] > 0
+
+
 def test_ablation_config_rejects_unknown_variants():
     with pytest.raises(ValueError, match="unknown or no variants"):
         AblationConfig(variants=("farmer", "no_such_thing"))
