@@ -296,17 +296,7 @@ def _sample_metrics(model: Farmer, cfg: AblationConfig, guidance: str | None, re
     return {**{k: metrics.get(k) for k in SAMPLE_METRICS[:3]},
             "stripe_ratio": stripe_ratio(pixels, reference, model.config.patch_size),
             "redundant_ess": torch.cat(pools.ess).mean().item() if pools.ess else None,
-            "redundant_pool": _redundant_pool_size(model.config, method) if pools.ess else None}
-
-
-def _redundant_pool_size(config: FarmerConfig, guidance: ResamplingGuidance) -> int:
-    """Candidates in one redundant pool: s_c + s_u per token, or the shared pool's (s_c + s_u)·N by default."""
-    per_branch = (guidance.cond_candidates, guidance.uncond_candidates)
-    if config.redundant_mixture == "per_token":
-        return sum(per_branch)
-    if guidance.redundant_pool is None:
-        return sum(per_branch) * config.num_tokens
-    return guidance.redundant_pool * sum(n > 0 for n in per_branch)
+            "redundant_pool": pools.pool_size}
 
 
 def _cell(value: float | None, digits: int = 3) -> str:

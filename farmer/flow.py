@@ -106,14 +106,12 @@ class FlowBlock(nn.Module):
         cache.length = 0
         decoder = self.transformer.decoder(self.proj_in, self.pos)
         out_weight, out_bias = transposed_weights(self.proj_out)
-        c = self.log_scale_bound
-        # affine_params one token at a time, through the Decoder's lean step; fp32 as there. In place, the
-        # bounded scale of _bounded: σ⁻¹ = exp(−c·tanh(a/c)).
+        # affine_params one token at a time, through the Decoder's lean step; fp32 as there.
         with torch.autocast(device_type=y.device.type, enabled=False):
             for i in range(1, y.shape[1]):
                 h = decoder.embed_step(x[:, i - 1], i - 1, cache)
-                mu, a = torch.addmm(out_bias, h, out_weight).chunk(2, dim=-1)
-                x[:, i] = torch.addcmul(mu, y[:, i], a.div(c).tanh_().mul_(-c).exp_())
+                mu, log_scale = self._bounded(torch.addmm(out_bias, h, out_weight))
+                x[:, i] = torch.addcmul(mu, y[:, i], log_scale.neg_().exp_())
         return self.unmix(self.permute(x))
 
     def jacobi_inverse(self, z: Tensor, cache: KVCache, group_size: int, tol: float) -> tuple[Tensor, int]:

@@ -90,6 +90,7 @@ class RedundantPoolStats:
 
     ess: list[Tensor] = field(default_factory=list)  # effective sample size of each pool
     distinct: list[Tensor] = field(default_factory=list)  # distinct candidates among a shared pool's N draws
+    pool_size: int | None = None  # candidates in each recorded pool (s_c + s_u per token, or the shared pool's)
 
 
 @dataclass(frozen=True)
@@ -275,8 +276,9 @@ def _resample(
     if distinct:
         pick = _distinct_picks(log_w, num_draws, generator)  # (rows, num_draws)
     else:  # Gumbel-max: num_draws i.i.d. indices from softmax(log_w), without multinomial's per-call checks
-        pick = (log_w[:, None, :] + gumbel_noise((rows, num_draws, pool_size), generator, log_w.device)).argmax(-1)
+        pick = pick_components(log_w[:, None, :], gumbel_noise((rows, num_draws, pool_size), generator, log_w.device))
     if record and g.stats is not None:
+        g.stats.pool_size = pool_size
         g.stats.ess.append(effective_sample_size(torch.softmax(log_w, dim=-1)).reshape(cond.batch_shape))
         if num_draws > 1:
             distinct_picks = (pick.sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1) + 1

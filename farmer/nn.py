@@ -171,15 +171,22 @@ class Decoder:
         self.layers = [_DecodeLayer.of(layer) for layer in transformer.layers]
         self.norm_shape, self.eps = transformer.norm.normalized_shape, transformer.norm.eps
         self.norm_weight, self.norm_bias = transformer.norm.weight.detach(), transformer.norm.bias.detach()
+        if (embed is None) != (positions is None):
+            raise ValueError("a Decoder's embed and positions go together")
+        # (in, width) weight and (L, width) bias of the embedding at each position, or None
+        self.embedding = None
         if embed is not None and positions is not None:
-            self.embed_weight, bias = transposed_weights(embed)
-            self.embed_bias = bias + positions.detach()  # (L, width): the bias of the embedding at each position
+            weight, bias = transposed_weights(embed)
+            self.embedding = weight, bias + positions.detach()
 
     @torch.no_grad()
     def embed_step(self, token: Tensor, position: int, cache: KVCache) -> Tensor:
         """``step(embed(token) + positions[position], cache)`` for token (B, in), with the embedding's bias and
         the position folded into one ``addmm``."""
-        return self.step(torch.addmm(self.embed_bias[position], token, self.embed_weight), cache)
+        if self.embedding is None:
+            raise ValueError("this Decoder was built without an embedding (Transformer.decoder(embed, positions))")
+        weight, bias = self.embedding
+        return self.step(torch.addmm(bias[position], token, weight), cache)
 
     @torch.no_grad()
     def step(self, x: Tensor, cache: KVCache) -> Tensor:

@@ -167,18 +167,16 @@ class _GuidedDraws:
         """The decoder's input rows for one step: the conditional rows, then the same tokens for the null class."""
         return torch.cat([x, x])
 
+    # head(h).chunk(2): the mixtures of the conditional rows (p_c), then of the null-class rows (p_u).
     def informative(self, head: MixtureHead, h: Tensor, i: int) -> Tensor:
-        cond, uncond = head(h).chunk(2)
-        return self.guidance.draw_token(cond, uncond, self.generator)
+        return self.guidance.draw_token(*head(h).chunk(2), self.generator)
 
     def redundant(self, head: MixtureHead, h: Tensor, i: int) -> Tensor:
         # Per-token redundant mixtures are guided like the informative ones (docs/method.md §11).
-        cond, uncond = head(h).chunk(2)
-        return self.guidance.draw_redundant(cond, uncond, self.generator)
+        return self.guidance.draw_redundant(*head(h).chunk(2), self.generator)
 
     def shared(self, head: MixtureHead, h: Tensor) -> Tensor:
-        cond, uncond = head(h).chunk(2)
-        return self.guidance.draw_shared(cond, uncond, self.num_tokens, self.generator)
+        return self.guidance.draw_shared(*head(h).chunk(2), self.num_tokens, self.generator)
 
 
 class SamplingNoise(NamedTuple):

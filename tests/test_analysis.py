@@ -27,6 +27,7 @@ from farmer.analysis import (
     unguided_grid,
 )
 from farmer.checkpoint import save_checkpoint
+from farmer.config import FarmerConfig
 from farmer.data import default_data_root, model_to_pixels
 
 
@@ -194,8 +195,10 @@ def test_ablation_smoke_writes_the_table_and_resumes(tmp_path):
     assert [r["variant"] for r in results] == [BASELINE, "no_final_permute"]
     assert all(np.isfinite(r["test_bpd"]) and r["test_bpd"] > 0 for r in results)
     # Guided samples carry the redundant pool's effective sample size, between 1 and the pool's size.
+    pool = 10 * FarmerConfig.preset(cfg.preset).num_tokens  # the shared mixture's (s_c + s_u)·N candidates
     for r in results:
-        assert r["redundant_ess"] is None and 1 <= r["cfg_redundant_ess"] <= r["cfg_redundant_pool"]
+        assert r["redundant_ess"] is None and r["cfg_redundant_pool"] == pool
+        assert 1 <= r["cfg_redundant_ess"] <= pool
     assert results[1]["model"]["final_permute"] is False and results[0]["model"]["final_permute"] is True
     table = (tmp_path / "results.md").read_text()
     assert "| farmer | baseline |" in table and "| no_final_permute |" in table

@@ -482,9 +482,10 @@ def test_the_recorder_sees_only_redundant_pools(redundant_mixture: str) -> None:
     # One pool per image and token (per-token mixtures), or one per image of (s_c + s_u)·N candidates.
     assert len(pool_stats.ess) == (prior.num_tokens if per_token else 1)
     assert len(pool_stats.distinct) == (0 if per_token else 1)
+    assert pool_stats.pool_size == (pool if per_token else pool * prior.num_tokens)
     for ess in pool_stats.ess:
         assert ess.shape == (3,) and (ess >= 1 - 1e-5).all()
-        assert (ess <= (pool if per_token else pool * prior.num_tokens) + 1e-4).all()
+        assert (ess <= pool_stats.pool_size + 1e-4).all()
     # Recording changes nothing about the draws.
     for a, b in zip(latents, prior.sample(labels, gen(3), dataclasses.replace(g, stats=None)), strict=True):
         torch.testing.assert_close(a, b)

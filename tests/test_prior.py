@@ -55,14 +55,18 @@ def test_cached_pass_equals_parallel_pass() -> None:
     labels = torch.tensor([0, 7])
     parallel, parallel_red = prior(zi, labels)
     cache = prior.transformer.allocate_cache(2, zi.device, torch.float32)
-    decoder = prior.transformer.decoder()  # the one-token steps sampling runs
+    decoder = prior.transformer.decoder(prior.proj_in, prior.pos)  # the one-token steps sampling runs
     h = prior.transformer(prior._condition(labels), causal=True, cache=cache)[:, -1]
     for i in range(prior.num_tokens):
         step = prior.informative_head(h)
         torch.testing.assert_close(step.means, parallel.means[:, i], atol=1e-5, rtol=0)
         torch.testing.assert_close(step.logits, parallel.logits[:, i], atol=1e-5, rtol=0)
-        h = decoder.step(prior.proj_in(zi[:, i]) + prior.pos[prior.repeat + i], cache)
+        h = decoder.embed_step(zi[:, i], prior.repeat + i, cache)
     torch.testing.assert_close(prior.redundant_head(h).scales, parallel_red.scales, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="go together"):
+        prior.transformer.decoder(prior.proj_in)
+    with pytest.raises(ValueError, match="without an embedding"):
+        prior.transformer.decoder().embed_step(zi[:, 0], 0, cache)
 
 
 @pytest.mark.parametrize("redundant_mixture", ["shared", "per_token"])
