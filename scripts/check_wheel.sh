@@ -7,7 +7,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 pip wheel --no-deps --no-build-isolation --wheel-dir "$work/dist" "$repo" >/dev/null
-unzip -l "$work"/dist/farmer-*.whl | grep -q 'farmer/checkpoints/mnist/model.safetensors' \
+# Ask unzip for the one member (exit 11 when absent): piping the listing into `grep -q` fails at random under
+# pipefail, since grep exits at the first match and unzip then dies of SIGPIPE.
+unzip -l "$work"/dist/farmer-*.whl 'farmer/checkpoints/mnist/model.safetensors' >/dev/null \
   || { echo "the wheel lacks the shipped model" >&2; exit 1; }
 python -m venv --system-site-packages "$work/venv"
 "$work/venv/bin/pip" install --no-deps --no-index --force-reinstall "$work"/dist/farmer-*.whl >/dev/null
