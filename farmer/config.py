@@ -117,6 +117,11 @@ def check_dict(data: Any, what: str) -> dict[str, Any]:
     return data
 
 
+# Fields of FarmerConfig that shape how a model is trained, not its weights: a fine-tune (--init-from) may change
+# them, e.g. to anneal the training noise from a lower start, or to turn a sampling model into a likelihood one.
+TRAINING_RECIPE = ("dequantization", "noise_std_start", "noise_std_end", "label_dropout")
+
+
 @dataclass(frozen=True)
 class FarmerConfig:
     # Data (docs/method.md §1): images C×H×W in [-1, 1], cut into p×p patches -> N tokens of d = C·p² channels.
@@ -267,6 +272,12 @@ class FarmerConfig:
 
     def replace(self, **changes: Any) -> FarmerConfig:
         return dataclasses.replace(self, **changes)
+
+    def architecture(self) -> FarmerConfig:
+        """This config with the training recipe (dequantisation, its noise schedule, label dropout) and the
+        student flag at their defaults: two configs whose architectures agree hold interchangeable weights."""
+        recipe = {name: FarmerConfig.__dataclass_fields__[name].default for name in TRAINING_RECIPE}
+        return self.replace(distilled_inverse=False, **recipe)
 
     @classmethod
     def preset(cls, name: str) -> FarmerConfig:

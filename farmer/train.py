@@ -448,11 +448,11 @@ def _train(rt: Runtime, model_config: FarmerConfig, cfg: TrainConfig, out: Path,
 
 
 def initialise_from(model: Farmer, checkpoint: str) -> None:
-    """Copy the flow and prior (EMA) weights of ``checkpoint`` into ``model``; their configs must agree up to
-    ``distilled_inverse`` (a student there is not copied: it must be distilled again for the new weights)."""
+    """Copy the flow and prior (EMA) weights of ``checkpoint`` into ``model``; their architectures must agree
+    (:meth:`FarmerConfig.architecture`: the training recipe may change, and a student there is not copied: it
+    must be distilled again for the new weights)."""
     source = load_model(checkpoint)
-    ours, theirs = (c.replace(distilled_inverse=False) for c in (model.config, source.config))
-    differences = theirs.diff(ours)
+    differences = source.config.architecture().diff(model.config.architecture())
     if differences:
         raise ValueError(f"--init-from {checkpoint}: its model config differs from this run's: "
                          f"{differences} (checkpoint, run)")

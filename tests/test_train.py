@@ -197,6 +197,13 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(uninterrupted: Pa
         torch.testing.assert_close(tuned.state_dict()[name], value, rtol=0, atol=1e-9, msg=name)
     with pytest.raises(ValueError, match=r"--init-from .*prior_layers"):
         run(TINY.replace(prior_layers=2), cfg, tmp_path / "mismatch")
+    # The training recipe is not the architecture: a fine-tune may change it and starts from the same weights.
+    recipe = TINY.replace(dequantization="uniform", noise_std_start=0.02, label_dropout=0.2)
+    run(recipe, cfg, tmp_path / "new-recipe")
+    retuned = load_model(tmp_path / "new-recipe", ema=False)
+    assert retuned.config == recipe
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(retuned.state_dict()[name], value, rtol=0, atol=1e-9, msg=name)
 
 
 # DDP and FSDP under torchrun ------------------------------------------------------------------------------------
