@@ -505,7 +505,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None, help="model size preset (default mnist; omitted on resume)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start a new run from these weights (a run, step or shipped model, e.g. mnist); "
-                        "its model config is used unless --preset is given")
+                        "its model config is used unless --preset is given; --set may change its training "
+                        "recipe (dequantization, noise_std_start/end, label_dropout), not its architecture")
     p.add_argument("--data", default=None, help="mnist, fashion-mnist, digits, or an image-folder path")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, samples/)")
