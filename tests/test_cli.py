@@ -24,7 +24,11 @@ def test_train_writes_checkpoints_metrics_and_samples(trained_run: str) -> None:
 def test_eval_bpd_reports_json(trained_run: str, capsys) -> None:
     assert main(["eval", "bpd", "--checkpoint", trained_run, "--data", "digits", "--max-images", "64"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["images"] == 64 and 0 < result["bits_per_dim"] < 12
+    assert result["images"] == 64 and 0 < result["bits_per_dim"] < 12 and result["importance_samples"] == 1
+    assert main(["eval", "bpd", "--checkpoint", trained_run, "--data", "digits", "--max-images", "64",
+                 "--importance-samples", "4"]) == 0
+    tighter = json.loads(capsys.readouterr().out)
+    assert tighter["importance_samples"] == 4 and tighter["bits_per_dim"] < result["bits_per_dim"]
 
 
 def test_sample_grid_and_npz(trained_run: str, tmp_path) -> None:
