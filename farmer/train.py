@@ -460,6 +460,17 @@ def initialise_from(model: Farmer, checkpoint: str) -> None:
     model.prior.load_state_dict(source.prior.state_dict())
 
 
+def steps_behind(checkpoint: str | None) -> int:
+    """Training steps behind the flow and prior weights of ``checkpoint`` (0 for None): those of the runs it
+    started from (its config.json ``pretrained_steps``) plus its own run's, unless that run was a distillation,
+    which trains only the student."""
+    if checkpoint is None:
+        return 0
+    stored = read_config(resolve_checkpoint(checkpoint))
+    own = 0 if stored.get("train", {}).get("objective") == "distill" else int(stored.get("step", 0))
+    return int(stored.get("pretrained_steps", 0)) + own
+
+
 class _Session:
     """One invocation of the trainer: the model, its EMA and optimizer (new, or restored from the newest
     checkpoint), the loop (:meth:`run`), and what it logs, evaluates and saves. Whatever depends on the
@@ -476,11 +487,15 @@ class _Session:
         self.noise_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rt.rank)
         torch.manual_seed(cfg.seed * 104_729 + rt.rank)  # label dropout differs across ranks, as data does
         restored = self._restore(log) if resuming else None
+        # Steps of earlier runs behind the starting flow and prior (an --init-from chain, or a distillation's
+        # teacher), recorded in every checkpoint so that a model card can count them.
+        pretrained_steps = (steps_behind(cfg.init_from or cfg.teacher) if restored is None
+                            else int(read_config(restored[1]).get("pretrained_steps", 0)))
         if restored is None and cfg.init_from is not None:
             initialise_from(self.model, cfg.init_from)
             self.ema.load_state_dict(self.model.state_dict())
             if rt.main:
-                log(f"initialised from {cfg.init_from}")
+                log(f"initialised from {cfg.init_from} ({pretrained_steps:,} steps of training behind it)")
         self.start_step = 0 if restored is None else restored[0]["step"]
         self.net = wrap_distributed(self.objective.loss_module(self.model), self.model, self.ema, cfg.sharding, rt)
         # Created after wrapping: FSDP replaces the parameters with sharded ones.
@@ -495,6 +510,8 @@ class _Session:
         self.metrics_log = MetricsLog(out / "metrics.jsonl", self.start_step, rt.main,
                                       open_mirror(logger, out, self.start_step) if rt.main else None)
         self.config_record = {"model": model_config.to_dict(), "train": cfg.to_dict()}
+        if pretrained_steps:
+            self.config_record["pretrained_steps"] = pretrained_steps
         # The first (1-based) step whose loss was NaN or Inf, 0 if none: kept on the device, so recording it
         # costs no sync; _stop_if_diverged() reads it where the loop syncs anyway.
         self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=rt.device)

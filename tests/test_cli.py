@@ -44,6 +44,8 @@ def test_sample_grid_and_npz(trained_run: str, tmp_path) -> None:
 def test_distill_then_sample_with_either_inverse(trained_run: str, tmp_path) -> None:
     out = tmp_path / "distilled"
     assert main(["distill", "--teacher", trained_run, "--out", str(out), "--steps", "4", "--batch-size", "16"]) == 0
+    # The flow and prior keep the teacher's 12 steps of training; the 4 distillation steps train the student only.
+    assert json.loads((out / "step-00000004" / "config.json").read_text())["pretrained_steps"] == 12
     for inverse in ("exact", "distilled"):
         path = tmp_path / f"{inverse}.npz"
         assert main(["sample", "--checkpoint", str(out), "--n", "4", "--out", str(tmp_path / "g.png"),

@@ -23,6 +23,7 @@ from farmer.checkpoint import save_checkpoint
 from farmer.cli import build_parser, main, shipped_checkpoint
 from farmer.data import dequantize, make_dataset
 from farmer.demo import DemoApp, Limits, make_server
+from farmer.demo.card import _training
 from farmer.demo.server import DemoServer
 from farmer.metrics import bits_per_dim
 
@@ -90,6 +91,17 @@ def test_page_and_model_card(server: DemoServer) -> None:
     assert rows["classifier-cfg"].startswith("classifier score 2.00") and "broken" not in rows  # bad entry left out
     assert card["inverses"][0] == "exact" and "distilled" not in card["inverses"]  # the tiny model has no student
     assert card["limits"]["max_images"] == 12
+
+
+def test_model_card_counts_the_steps_behind_a_fine_tune_or_a_teacher() -> None:
+    trained = {"step": 4000, "train": {"batch_size": 64}, "pretrained_steps": 4100}
+    assert _training(trained, {}) == ("4,000 steps of batch 64, after 4,100 steps of the runs it started from "
+                                      "(--init-from)")
+    distilled = {"step": 300, "train": {"objective": "distill", "batch_size": 64}, "pretrained_steps": 8100}
+    provenance = {"teacher": {"step": 4000, "train": {"batch_size": 64}}}
+    assert _training(distilled, provenance) == "8,100 steps of batch 64; inverse distilled for 300 steps"
+    # Checkpoints from before pretrained_steps was recorded: the teacher's own steps, as before.
+    assert _training({**distilled, "pretrained_steps": None}, provenance).startswith("4,000 steps of batch 64;")
 
 
 def test_sample_grid_png_and_npz(server: DemoServer) -> None:

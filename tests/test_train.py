@@ -24,7 +24,7 @@ import farmer.train as trainer
 from farmer.checkpoint import OPTIMIZER, TRAINER, load_model, save_checkpoint
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
-from farmer.pretrained import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS
+from farmer.pretrained import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS, read_config, resolve_checkpoint
 from farmer.train import StepSampler, TrainConfig, learning_rate, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,6 +193,10 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(uninterrupted: Pa
                   lr=1e-12, min_lr=0.0, warmup_steps=1)
     run(TINY, cfg, tmp_path / "fine-tuned")
     tuned = load_model(tmp_path / "fine-tuned", ema=False)
+    # The steps behind the weights add up along a chain of fine-tunes: 8 + 1, then 9 + 1.
+    assert read_config(resolve_checkpoint(tmp_path / "fine-tuned"))["pretrained_steps"] == RESUME_CFG.steps
+    run(TINY, replace(cfg, init_from=str(tmp_path / "fine-tuned")), tmp_path / "twice")
+    assert read_config(resolve_checkpoint(tmp_path / "twice"))["pretrained_steps"] == RESUME_CFG.steps + 1
     for name, value in source.state_dict().items():  # one step at lr 1e-12 moves nothing measurable
         torch.testing.assert_close(tuned.state_dict()[name], value, rtol=0, atol=1e-9, msg=name)
     with pytest.raises(ValueError, match=r"--init-from .*prior_layers"):

@@ -59,14 +59,19 @@ def _optional_json(directories: list[Path], name: str) -> dict[str, Any]:
 
 
 def _training(stored: dict[str, Any], provenance: dict[str, Any]) -> str:
+    """Steps and batch; ``pretrained_steps`` (the runs a checkpoint was initialised from, or a distilled model's
+    teacher) counted when recorded."""
     train = stored.get("train", {})
     step, batch = stored.get("step", "?"), train.get("batch_size", "?")
+    earlier = stored.get("pretrained_steps")
     if train.get("objective") != "distill":
-        return f"{_count(step)} steps of batch {batch}"
+        after = f", after {_count(earlier)} steps of the runs it started from (--init-from)" if earlier else ""
+        return f"{_count(step)} steps of batch {batch}{after}"
     teacher = provenance.get("teacher", {})
-    if "step" in teacher:
+    if earlier or "step" in teacher:
         teacher_batch = teacher.get("train", {}).get("batch_size", "?")
-        return f"{_count(teacher['step'])} steps of batch {teacher_batch}; inverse distilled for {step} steps"
+        return (f"{_count(earlier or teacher['step'])} steps of batch {teacher_batch}; "
+                f"inverse distilled for {step} steps")
     return f"inverse distilled for {step} steps from {train.get('teacher', 'a teacher')}"
 
 
