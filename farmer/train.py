@@ -495,7 +495,8 @@ class _Session:
             initialise_from(self.model, cfg.init_from)
             self.ema.load_state_dict(self.model.state_dict())
             if rt.main:
-                log(f"initialised from {cfg.init_from} ({pretrained_steps:,} steps of training behind it)")
+                behind = f" ({pretrained_steps:,} steps of training behind it)" if pretrained_steps else ""
+                log(f"initialised from {cfg.init_from}{behind}")
         self.start_step = 0 if restored is None else restored[0]["step"]
         self.net = wrap_distributed(self.objective.loss_module(self.model), self.model, self.ema, cfg.sharding, rt)
         # Created after wrapping: FSDP replaces the parameters with sharded ones.
