@@ -43,7 +43,7 @@ def dequantized_log_prob(log_prob: Callable[[Tensor], Tensor], pixels: Tensor, s
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     draws = torch.stack([log_prob(dequantize(pixels, "uniform", generator=generator)) for _ in range(samples)])
-    return draws[0] if samples == 1 else torch.logsumexp(draws, dim=0) - math.log(samples)
+    return torch.logsumexp(draws, dim=0) - math.log(samples)  # K = 1: the one draw, exactly
 
 
 @torch.no_grad()
