@@ -5,9 +5,10 @@ preset's objective and its loss module, AdamW with the trainer's parameter group
 trainer's autocast dtype, the EMA update), minus data loading and dequantisation — and the likelihood pass
 (``log_prob``, no grad), in images/s; their FLOPs counted by ``torch.utils.flop_counter``; achieved GFLOP/s
 over the best square matmul measured in the same run; and peak memory, read in a fresh subprocess per phase
-(ru_maxrss on the CPU, the allocator's peak on accelerators).
+(ru_maxrss on the CPU, the allocator's peak on accelerators). ``--compile`` also times the training step with
+the loss module under ``torch.compile`` (``farmer train --compile``), in the same run as the eager step.
 
-    python -m benchmarks.bench_train --threads 1 --quick
+    python -m benchmarks.bench_train --threads 1 --quick [--compile]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from benchmarks.common import (
     save_benchmark,
     set_threads,
     subprocess_env,
+    timed,
 )
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
@@ -213,8 +215,10 @@ def bench_preset(
     peak: dict[str, Any],
     threads: int,
     probe_steps: int,
+    compile_step: bool = False,
 ) -> dict[str, Any]:
-    """Both phases of one preset: timing, images/s, FLOPs, fraction of ``peak`` (from :func:`matmul_peak`), memory."""
+    """Both phases of one preset: timing, images/s, FLOPs, fraction of ``peak`` (from :func:`matmul_peak`), memory;
+    with ``compile_step`` also the compiled training step (``train_compiled``, after the eager phases)."""
     workload = build_workload(preset, batch, device)
     config = workload.model.config
     result: dict[str, Any] = {
@@ -243,7 +247,20 @@ def bench_preset(
             "fraction_of_peak_cpu_time": cpu_fraction,
             "memory": memory_in_subprocess(preset, batch, device, phase, probe_steps, threads),
         }
+    if compile_step:
+        result["train_compiled"] = time_compiled_train_step(workload, device, repeats, result["train"]["median_s"])
     return result
+
+
+def time_compiled_train_step(workload: Workload, device: torch.device, repeats: Repeats,
+                             eager_median_s: float) -> dict[str, Any]:
+    """The training step with ``workload``'s loss module compiled, as ``farmer train --compile`` runs it: the
+    first call (the compilation) timed on its own, then the steady state, and its speed-up over the eager step."""
+    workload.loss = torch.compile(workload.loss)
+    _, compile_s, _ = timed(workload.train_step, device)
+    timing = measure(workload.train_step, device, repeats)
+    return {**timing.to_dict(), "images_per_s": workload.images.shape[0] / timing.median, "compile_s": compile_s,
+            "speedup": eager_median_s / timing.median}
 
 
 def _print_row(row: dict[str, Any]) -> None:
@@ -256,6 +273,10 @@ def _print_row(row: dict[str, Any]) -> None:
             f"({percent(r['fraction_of_peak_cpu_time'])} by CPU time)  "
             f"peak mem +{r['memory']['peak_delta_mib'] or 0:.0f} MiB ({r['memory']['peak_mib']:.0f} MiB total)"
         )
+    if "train_compiled" in row:
+        c = row["train_compiled"]
+        print(f"{row['preset']:>6} compiled train: {c['images_per_s']:9.1f} img/s  {c['median_s'] * 1e3:8.1f} ms/step  "
+              f"{c['speedup']:.2f}× the eager step (compilation {c['compile_s']:.0f} s)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -263,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(parser)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="model presets to measure")
     parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--compile", action="store_true", help="also time the train step under torch.compile")
     parser.add_argument("--probe", choices=PHASES, default=None, help=argparse.SUPPRESS)  # memory subprocess
     parser.add_argument("--probe-steps", type=positive_int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -297,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     peak,
                     threads,
                     probe_steps=1 if args.quick else 2,
+                    compile_step=args.compile,
                 )
             )
             _print_row(rows[-1])

@@ -53,7 +53,7 @@ def bench_command(name: str, args: argparse.Namespace) -> list[str]:
     if args.device is not None:
         command += ["--device", args.device]
     if name == "train":
-        command += ["--presets", *args.train_presets]
+        command += ["--presets", *args.train_presets] + (["--compile"] if args.compile else [])
     elif name == "compare":
         command += ["--compare-to", args.compare_to, "--batch-sizes", *map(str, args.compare_batches)]
     else:
@@ -107,11 +107,20 @@ def _train_section(result: dict[str, Any]) -> list[str]:
                 f"{p['achieved_gflops']:.1f}", percent(p["fraction_of_peak"]), percent(p["fraction_of_peak_cpu_time"]),
                 f"{memory['peak_mib']:.0f} (+{memory['peak_delta_mib'] or 0:.0f})",
             ])  # fmt: skip
+        if "train_compiled" in r:
+            c, flops = r["train_compiled"], r["train"]["flops"]
+            rows.append([
+                r["preset"], f"{r['parameters'] / 1e6:.2f}M", str(r["batch"]), r["precision"],
+                f"train, compiled ({c['speedup']:.2f}× eager; {c['compile_s']:.0f} s to compile)",
+                f"{c['images_per_s']:.1f}", f"{c['median_s'] * 1e3:.1f}", f"{flops / 1e9:.2f}",
+                f"{flops / c['median_s'] / 1e9:.1f}", percent(flops / c["median_s"] / 1e9 / peak["gflops"]), "—", "—",
+            ])  # fmt: skip
     return [
         "## Training step and likelihood pass",
         "",
-        "train = forward + backward + gradient clipping + AdamW step (no data loading, no EMA); log_prob = "
-        "exact likelihood, no grad. FLOPs from torch.utils.flop_counter (matmuls and attention, counted "
+        "train = forward + backward + gradient clipping + AdamW step + EMA update (no data loading); log_prob = "
+        "exact likelihood, no grad; compiled = the train step with the loss module under torch.compile "
+        "(`--compile`). FLOPs from torch.utils.flop_counter (matmuls and attention, counted "
         f"non-causal). Peak: best {peak['size']}² {peak['dtype']} matmul in the same run, "
         f"**{peak['gflops']:.1f} GFLOP/s** wall"
         + (f", {peak['cpu_gflops']:.1f} GFLOP per CPU-second" if peak["cpu_gflops"] else "")
@@ -195,6 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint", type=Path, default=None, help="checkpoint to sample from (default: random init)"
     )
     parser.add_argument("--train-presets", nargs="+", default=list(PRESETS), help="presets for bench_train")
+    parser.add_argument("--compile", action="store_true", help="bench_train also times the compiled train step")
     parser.add_argument("--sample-preset", default="mnist", help="preset for bench_sample without --checkpoint")
     parser.add_argument("--sample-batches", type=positive_int, nargs="+", default=list(BATCHES))
     parser.add_argument("--compare-to", default=None, help="git revision or directory to compare against, A/B")

@@ -7,6 +7,7 @@ import torch
 
 import farmer.train
 from benchmarks import ab_worker, bench_compare, bench_sample, bench_train
+from benchmarks.common import Repeats
 from farmer.config import FarmerConfig
 
 
@@ -71,3 +72,17 @@ def test_train_benchmarks_time_the_trainers_own_step(monkeypatch) -> None:
     monkeypatch.delattr(farmer.train, "train_step")
     ab_worker.train_step(config, 2)()
     assert len(calls) == 2
+
+
+def test_the_compiled_train_step_is_timed_against_the_eager_one(monkeypatch) -> None:
+    # The plumbing of --compile (torch.compile itself replaced by a recorder: tests/test_train.py checks that the
+    # compiled loss equals the eager one).
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    workload = bench_train.build_workload("tiny", 2, torch.device("cpu"))
+    loss_module = workload.loss
+    result = bench_train.time_compiled_train_step(workload, torch.device("cpu"), Repeats(0, 2), 1.0)
+    assert compiled == [loss_module]
+    assert result["compile_s"] > 0 and result["median_s"] > 0
+    assert result["speedup"] == 1.0 / result["median_s"]
+    assert result["images_per_s"] == 2 / result["median_s"]

@@ -456,3 +456,21 @@ def test_training_log_names_the_loss_bits_apart_from_the_test_bound(tmp_path: Pa
         assert r["train_bits"] == pytest.approx(r["loss"] / math.log(2) + 7)
         assert ("noise_std" in r) == (dequantization == "gaussian")
     assert [r["step"] for r in records if "test_bpd" in r] == [2]
+
+
+def test_the_compiled_loss_equals_the_eager_one_in_value_and_gradient() -> None:
+    # What `farmer train --compile` runs: torch.compile over the loss module (here the model) must compute the
+    # same loss and gradients. Eval mode: no label dropout, so both calls see the same labels.
+    torch.manual_seed(0)
+    model = Farmer(FarmerConfig.preset("tiny")).eval()
+    cfg = model.config
+    images = torch.rand(4, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1
+    labels = torch.arange(4) % cfg.num_classes
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager_loss, _ = model(images, labels)
+    compiled_loss, _ = torch.compile(model)(images, labels)
+    eager_grads = torch.autograd.grad(eager_loss, params)
+    compiled_grads = torch.autograd.grad(compiled_loss, params)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
