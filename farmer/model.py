@@ -209,6 +209,9 @@ class Farmer(nn.Module):
             raise ValueError(f"n must be >= 1, got {n}")
         if variance_scale <= 0 or temperature <= 0:
             raise ValueError("variance_scale and temperature must be > 0")
+        if guidance is not None and not isinstance(guidance, Guidance):
+            raise TypeError(f"guidance is a CFG method, e.g. ResamplingGuidance(scale=2.5), got "
+                            f"{type(guidance).__name__} {guidance!r}")
         labels = self.check_labels(y, n, self.device)
         if guidance is not None and not self.config.conditional:
             raise ValueError("guidance needs a class-conditional model")

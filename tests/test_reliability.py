@@ -220,6 +220,12 @@ def test_sample_with_a_float_count_says_what_n_is() -> None:
         model.sample(True)
 
 
+def test_sample_with_a_bare_guidance_scale_names_the_guidance_type() -> None:
+    model = random_model()
+    with pytest.raises(TypeError, match=r"ResamplingGuidance\(scale=2\.5\), got float 2\.5"):
+        model.sample(2, torch.tensor([0, 1]), guidance=2.5)
+
+
 # Output and data paths -----------------------------------------------------------------------------
 @pytest.mark.parametrize("flag", ["--n", "--scale", "--batch-size"])
 @pytest.mark.parametrize("value", ["-5", "-3", "0"])
