@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# What issues #10 and #13 ask of a lent GPU machine (one H200, ~15 minutes in all), as two prepared parts of
+# under five minutes each, run from the repository root:
+#   scripts/gpu_session.sh pack    # here, before the lease: MNIST gzipped into .gpu-data/ (git-ignored; carry it)
+#   scripts/gpu_session.sh bench   # there: the benchmark table in bf16 with torch.compile, and the train step of
+#                                  # imagenet256-1.1b-p16 (images/s, fraction of the measured bf16 matmul peak)
+#   scripts/gpu_session.sh train   # there: the MNIST likelihood recipe in bf16 at batch 256 for ~4 minutes;
+#                                  # images/s, test bits/dim on all 10,000 test images, a CFG grid, the weights
+# Results go to $OUT (default gpu-out), at most 8 files (the device tool's limit). SMOKE=1 runs the same steps
+# on the CPU at toy sizes in about a minute, to check the script before a lease.
+set -euo pipefail
+part=${1:?usage: scripts/gpu_session.sh pack|bench|train}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+farmer() { python3 -m farmer.cli "$@"; }
+if [ "${SMOKE:-0}" = 1 ]; then
+  device=cpu preset=tiny data=digits batch=16 big=tiny big_batch=4 seconds=15 probe_steps=20 quick=--quick
+  sample_model=()
+else
+  device=cuda preset=mnist data=mnist batch=256 big=imagenet256-1.1b-p16 big_batch=32 seconds=240 probe_steps=60 quick=
+  sample_model=(--checkpoint farmer/checkpoints/mnist)
+fi
+
+case $part in
+pack)
+  mkdir -p .gpu-data/mnist
+  for f in "${FARMER_DATA:-$HOME/.cache/farmer/data}"/mnist/*-ubyte; do
+    gzip -c "$f" > ".gpu-data/mnist/$(basename "$f").gz"
+  done
+  grep -qx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude
+  du -sh .gpu-data ;;
+bench)
+  [ "$device" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  python3 -m benchmarks.run_all --device "$device" --compile $quick --train-presets "$preset" \
+    --sample-preset "$preset" "${sample_model[@]}" --out "$out/bench" 2>&1 | tee "$out/bench.log"
+  python3 -m benchmarks.bench_train --device "$device" --quick --presets "$big" --batch-size "$big_batch" \
+    --out "$out/big" ;;
+train)
+  run=$(mktemp -d)
+  recipe=(--preset "$preset" --data "$data" --data-root .gpu-data --device "$device" --batch-size "$batch"
+          --set channel_mixing=true --set redundant_mixture=per_token --set dequantization=uniform)
+  # Calibrate: a short run measures images/s, and the real run's cosine schedule ends in $seconds.
+  farmer train "${recipe[@]}" --out "$run/probe" --steps "$probe_steps" --eval-every 100000 --sample-every 100000
+  steps=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; r=[x for x in r if 'images_per_s' in x]; \
+print(max(100, int(float(sys.argv[2]) * r[-1]['images_per_s'] / int(sys.argv[3]))))" \
+    "$run/probe/metrics.jsonl" "$seconds" "$batch")
+  echo "training $steps steps of $batch"
+  farmer train "${recipe[@]}" --out "$run/mnist" --steps "$steps" --warmup-steps $((steps / 20)) \
+    --eval-every $((steps / 4)) --sample-every "$steps" --save-every $((steps / 4)) 2>&1 | tr '\r' '\n' \
+    | grep -v '%|' > "$out/train.log"
+  farmer eval bpd --checkpoint "$run/mnist" --data "$data" --data-root .gpu-data --split test --device "$device" \
+    --json "$out/bpd.json"
+  farmer sample --checkpoint "$run/mnist" --classes 0-9 --n 100 --guidance 2.5 --device "$device" \
+    --out "$out/samples-cfg.png"
+  python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; v=[x['images_per_s'] for x in r \
+if 'images_per_s' in x][len(r) // 20:]; print(f'{sorted(v)[len(v) // 2]:.0f} images/s (median of the logged steps)')" \
+    "$run/mnist/metrics.jsonl" | tee -a "$out/train.log"
+  step=$(cat "$run/mnist/LATEST")
+  tar -C "$run/mnist" -czf "$out/run.tar.gz" LATEST metrics.jsonl "$step/config.json" "$step/ema.safetensors"
+  cat "$out/bpd.json" ;;
+*)
+  echo "unknown part $part: pack, bench or train" >&2
+  exit 2 ;;
+esac
