@@ -28,7 +28,7 @@ pack)
   for f in "${FARMER_DATA:-$HOME/.cache/farmer/data}"/mnist/*-ubyte; do
     gzip -c "$f" > ".gpu-data/mnist/$(basename "$f").gz"
   done
-  grep -qx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude
+  mkdir -p .git/info && { grep -qsx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude; }
   du -sh .gpu-data ;;
 bench)
   [ "$device" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
