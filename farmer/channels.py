@@ -76,11 +76,15 @@ class ChannelMixing(nn.Module):
         lower, upper = self._factors(dtype)
         return lower @ upper
 
+    def token_logdet(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """log|det W| = Σ log s: what the mixing adds to the log-det of every token (a scalar)."""
+        return self.log_scale.to(dtype).sum()
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens (B, N, d) -> (mixed tokens, log|det| per image (B,))."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             y = z @ self.weight(z.dtype).T
-            logdet = z.shape[1] * self.log_scale.to(z.dtype).sum()
+            logdet = z.shape[1] * self.token_logdet(z.dtype)
         return y, logdet.expand(z.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:

@@ -86,14 +86,25 @@ class FlowBlock(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Z^{t-1} -> (Z^t, log|det|) with the log-det per image (B,) in nats."""
+        y, token_logdets = self.forward_tokens(z)
+        return y, token_logdets.sum(dim=1)
+
+    def forward_tokens(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Z^{t-1} -> (Z^t, log|det ∂z_i^t/∂z_i^{t-1}| per token (B, N)), tokens in Z^{t-1}'s order.
+
+        The Jacobian is block-triangular over tokens (in the block's order), so its log-det is the sum of the
+        diagonal blocks' log-dets, one per token: Σ_j log σ_ij, plus log|det W| with channel mixing.
+        """
         z = at_least_fp32(z)
-        logdet = z.new_zeros(z.shape[0])
         if self.mixing is not None:
-            z, logdet = self.mixing(z)
+            z, _ = self.mixing(z)
         x = self.permute(z)
         mu, log_scale = self._shifted_params(x)
         y = (x - mu) * torch.exp(log_scale)
-        return self.permute(y), logdet + log_scale.sum(dim=(1, 2))
+        token_logdets = self.permute(log_scale.sum(dim=2))
+        if self.mixing is not None:
+            token_logdets = token_logdets + self.mixing.token_logdet(z.dtype)
+        return self.permute(y), token_logdets
 
     def unmix(self, z: Tensor) -> Tensor:
         return z if self.mixing is None else self.mixing.inverse(z)
@@ -179,6 +190,17 @@ class AutoregressiveFlow(nn.Module):
             path.append(z)
             logdet = logdet + block_logdet
         return path, logdet
+
+    def forward_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens Z^0 -> (Z^n, each patch's share of the log-det (B, N)): the diagonal-block log-dets of every
+        block (:meth:`FlowBlock.forward_tokens`), summed per patch position. They add up to the flow's log-det;
+        the split is an attribution (the whole flow's Jacobian is not block-triangular: blocks alternate order)."""
+        z = at_least_fp32(tokens)
+        token_logdets = z.new_zeros(z.shape[:2])
+        for block in self.blocks:
+            z, block_logdets = block.forward_tokens(z)
+            token_logdets = token_logdets + block_logdets
+        return z, token_logdets
 
     def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
         """One cache serves every block in turn: all blocks share layer count and width."""

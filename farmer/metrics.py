@@ -46,6 +46,10 @@ class FeatureExtractor(Protocol):
 # ---------------------------------------------------------------------------------------------------
 
 
+# A U(0, 1/128) dequantised pixel's bin is 1/128 = 2^-7 wide in [-1, 1] against 1 in the 0..255 scale.
+BIN_WIDTH_BITS = 7.0
+
+
 def bits_per_dim(nll_nats_per_image: Tensor, num_dims: int) -> Tensor:
     """Bits/dim of 8-bit data from the NLL (nats per image) of its [-1, 1] dequantised form.
 
@@ -56,7 +60,7 @@ def bits_per_dim(nll_nats_per_image: Tensor, num_dims: int) -> Tensor:
         raise TypeError(f"nll_nats_per_image must be a torch.Tensor, got {type(nll_nats_per_image).__name__}")
     if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims <= 0:
         raise ValueError(f"num_dims must be a positive int (C*H*W), got {num_dims!r}")
-    return nll_nats_per_image / (num_dims * math.log(2.0)) + 7.0
+    return nll_nats_per_image / (num_dims * math.log(2.0)) + BIN_WIDTH_BITS
 
 
 def auroc(negatives: np.ndarray | Tensor, positives: np.ndarray | Tensor) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,20 @@ from farmer.pretrained import (
     write_pretrained,
 )
 from farmer.prior import ARPrior, StandardNormalPrior
+
+
+class LikelihoodTerms(NamedTuple):
+    """log p(x) split per patch (each (B, N), nats, row-major patch order): the AR prior's factor of the
+    informative channels, its factor of the redundant channels, and the flow's log-det attributed to the patch
+    (:meth:`farmer.flow.AutoregressiveFlow.forward_tokens`)."""
+
+    informative: Tensor
+    redundant: Tensor
+    flow_logdet: Tensor
+
+    def total(self) -> Tensor:
+        """log p(x) per image (B,)."""
+        return (self.informative + self.redundant + self.flow_logdet).sum(dim=1)
 
 
 class Farmer(nn.Module):
@@ -174,6 +188,23 @@ class Farmer(nn.Module):
         if not x.shape[0]:
             return x.new_empty(0)
         return self._log_prob(x, labels)
+
+    @torch.no_grad()
+    def log_prob_terms(self, x: Tensor, y: Tensor | None = None) -> LikelihoodTerms:
+        """The terms of log p(x | y) (module docstring) per patch, each (B, N) in nats with patches in row-major
+        image order: they sum to :meth:`log_prob`. Where the bits of a likelihood go (``farmer eval bpd
+        --breakdown``)."""
+        self.check_images(x)
+        labels = self.check_labels(y, x.shape[0], x.device)
+        x = x.to(next(self.parameters()).dtype)
+        z, flow = self.flow.forward_tokens(self.patchify(x))
+        if self.config.final_permute:
+            z = z.flip(1)
+        d_i = self.config.informative_dim
+        informative, redundant = self.prior.token_log_probs(z[..., :d_i], z[..., d_i:], labels)
+        if self.config.final_permute:  # back from the prior's token order to the patches'
+            informative, redundant = informative.flip(1), redundant.flip(1)
+        return LikelihoodTerms(informative, redundant, flow)
 
     def _log_prob(self, x: Tensor, labels: Tensor) -> Tensor:
         informative, redundant, logdet = self.encode(x)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from farmer.config import FarmerConfig
 from farmer.evaluation import evaluate_bpd
+from farmer.metrics import BIN_WIDTH_BITS
 from farmer.model import Farmer
 from farmer.sampling import Inverse
 
@@ -55,10 +56,10 @@ class LikelihoodObjective(Objective):
         return Farmer(config)
 
     def log_fields(self, loss: float, noise_std: float, config: FarmerConfig) -> dict[str, float]:
-        # The loss in bits/dim of 8-bit pixels (+7 = log2 of the 128 pixel bins per unit of [-1, 1]). Not
+        # The loss in bits/dim of 8-bit pixels (+ log2 of the 128 pixel bins per unit of [-1, 1]). Not
         # "bpd": under Gaussian dequantisation it is no bound on the discrete data's bits/dim; the bound is
         # test_bpd, with uniform noise.
-        fields = {"train_bits": loss / math.log(2) + 7}
+        fields = {"train_bits": loss / math.log(2) + BIN_WIDTH_BITS}
         if config.dequantization == "gaussian":
             fields["noise_std"] = noise_std
         return fields

@@ -68,14 +68,20 @@ class ARPrior(nn.Module):
 
     def log_prob(self, informative: Tensor, redundant: Tensor, labels: Tensor) -> Tensor:
         """log P(Z | c) per image (B,) in nats."""
+        log_informative, log_redundant = self.token_log_probs(informative, redundant, labels)
+        return log_informative.sum(dim=1) + log_redundant.sum(dim=1)
+
+    def token_log_probs(self, informative: Tensor, redundant: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The factors of log P(Z | c) per token: (log P(z_i^I | z_<i^I, c), log P(z_i^R | ·)), each (B, N) in nats;
+        the second is zero where the model has no redundant channels."""
         informative_mix, redundant_mix = self(informative, labels)
-        log_p = informative_mix.log_prob(informative).sum(dim=1)
+        log_informative = informative_mix.log_prob(informative)
         if redundant_mix is None:
-            return log_p
+            return log_informative, torch.zeros_like(log_informative)
         if self.per_token_redundant:
-            return log_p + redundant_mix.log_prob(redundant).sum(dim=1)
+            return log_informative, redundant_mix.log_prob(redundant)
         # One mixture per image, shared by its N redundant vectors: put tokens on a leading sample dim.
-        return log_p + redundant_mix.log_prob(redundant.transpose(0, 1)).sum(dim=0)
+        return log_informative, redundant_mix.log_prob(redundant.transpose(0, 1)).transpose(0, 1)
 
     def sampling_noise(self, batch: int, generator: torch.Generator | None = None, variance_scale: float = 1.0,
                        temperature: float = 1.0, device: torch.device | str | None = None) -> SamplingNoise:
@@ -205,7 +211,12 @@ class StandardNormalPrior(nn.Module):
         self.null_class = config.num_classes
 
     def log_prob(self, informative: Tensor, redundant: Tensor, labels: Tensor) -> Tensor:
-        return -0.5 * (informative.pow(2) + LOG_2PI).sum(dim=(1, 2))
+        return self.token_log_probs(informative, redundant, labels)[0].sum(dim=1)
+
+    def token_log_probs(self, informative: Tensor, redundant: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """As :meth:`ARPrior.token_log_probs`: every channel counts as informative here."""
+        log_informative = -0.5 * (informative.pow(2) + LOG_2PI).sum(dim=2)
+        return log_informative, torch.zeros_like(log_informative)
 
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator | None = None, guidance: Guidance | None = None,

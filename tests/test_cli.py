@@ -29,6 +29,14 @@ def test_eval_bpd_reports_json(trained_run: str, capsys) -> None:
                  "--importance-samples", "4"]) == 0
     tighter = json.loads(capsys.readouterr().out)
     assert tighter["importance_samples"] == 4 and tighter["bits_per_dim"] < result["bits_per_dim"]
+    assert main(["eval", "bpd", "--checkpoint", trained_run, "--data", "digits", "--max-images", "64",
+                 "--breakdown"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert abs(split["bits_per_dim"] - result["bits_per_dim"]) < 1e-4  # the same dequantisation draws
+    parts = ("bin_width", "informative", "redundant", "flow")
+    assert abs(sum(split[f"{part}_bits_per_dim"] for part in parts) - split["bits_per_dim"]) < 1e-4
+    assert main(["eval", "bpd", "--checkpoint", trained_run, "--data", "digits", "--breakdown",
+                 "--importance-samples", "4"]) == 2
 
 
 def test_sample_grid_and_npz(trained_run: str, tmp_path) -> None:

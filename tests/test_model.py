@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from helpers import random_images, random_model, small_config
+from helpers import random_images, random_model, randomize, small_config
 
 from farmer import Farmer, FarmerConfig
 from farmer.data import ArrayDataset, load_arrays, pixels_to_model
-from farmer.evaluation import dequantized_log_prob, evaluate_bpd
+from farmer.evaluation import blank_patches, bpd_breakdown, dequantized_log_prob, evaluate_bpd
 
 
 def test_patchify_round_trip_and_layout() -> None:
@@ -40,6 +40,41 @@ def test_log_prob_matches_decoded_latents_and_sampling_inverts(changes: dict) ->
     images = model.sample(4, None if y is None else torch.tensor([0, 1, 2, 3]), torch.Generator().manual_seed(0))
     assert images.shape == (4, config.channels, config.image_size, config.image_size)
     assert images.min() >= -1 and images.max() <= 1
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"final_permute": False}, {"prior": "normal"}, {"num_classes": 0},
+    {"channel_mixing": True, "redundant_mixture": "per_token"}, {"informative_channels": None},
+], ids=["default", "no-final-permute", "normal-prior", "unconditional", "mixing-per-token", "no-dim-reduction"])
+def test_log_prob_terms_add_up_to_log_prob(changes: dict) -> None:
+    config = small_config(**changes)
+    model = random_model(config)
+    x = random_images(config, 3)
+    y = torch.tensor([1, 2, 3]) if config.conditional else None
+    terms = model.log_prob_terms(x, y)
+    assert all(t.shape == (3, config.num_tokens) for t in terms)
+    torch.testing.assert_close(terms.total(), model.log_prob(x, y), rtol=1e-5, atol=1e-3)
+    _, _, logdet = model.encode(x)
+    torch.testing.assert_close(terms.flow_logdet.sum(dim=1), logdet, rtol=1e-5, atol=1e-3)
+    if config.redundant_dim == 0 or config.prior == "normal":
+        assert (terms.redundant == 0).all()
+
+
+@pytest.mark.parametrize("final_permute", [True, False])
+def test_log_prob_terms_are_in_patch_order(final_permute: bool) -> None:
+    """Identity flow (new blocks) and a random prior: changing patch j changes its own prior factor and those of
+    the tokens after it in the prior's order, which with the final permute (reversed) are the patches before j."""
+    config = small_config(final_permute=final_permute)  # 8 × 8 images, a 4 × 4 grid of 2 × 2 patches
+    model = Farmer(config).eval()
+    randomize(model.prior, 0.1)
+    x = random_images(config, 1)
+    changed = x.clone()
+    changed[..., 2:4, 2:4] = -changed[..., 2:4, 2:4]  # patch j = 5: row 1, column 1 of the grid
+    before, after = model.log_prob_terms(x), model.log_prob_terms(changed)
+    assert (before.flow_logdet == 0).all()
+    moved = ((before.informative - after.informative).abs() > 1e-6)[0]
+    expected = torch.arange(config.num_tokens) <= 5 if final_permute else torch.arange(config.num_tokens) >= 5
+    assert torch.equal(moved, expected), moved
 
 
 def test_loss_is_nats_per_dimension() -> None:
@@ -106,6 +141,20 @@ def test_bits_per_dim_equals_analytic_value_on_known_density() -> None:
     assert abs(measured - expected) < 2e-3, (measured, expected)
     # The density is flat across a bin here (σ = 1 against a 1/128 bin), so the importance-weighted bound agrees.
     assert abs(evaluate_bpd(model, dataset, batch_size=64, importance_samples=4) - expected) < 2e-3
+    # The breakdown: the same number, all of it the prior's (informative: every channel), none the flow's.
+    split = bpd_breakdown(model, dataset, batch_size=64)
+    assert abs(split["bits_per_dim"] - measured) < 1e-5
+    assert abs(split["informative_bits_per_dim"] - (expected - 7)) < 2e-3
+    assert split["redundant_bits_per_dim"] == 0 and split["flow_bits_per_dim"] == 0
+    per_patch = torch.tensor(split["patch_bits_per_dim"])
+    assert per_patch.shape == (4, 4) and abs(per_patch.mean().item() - measured) < 1e-4
+
+
+def test_blank_patches_flags_all_zero_patches() -> None:
+    pixels = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    pixels[0, 2, 3, 0] = 1  # image 0: one channel of one pixel in the bottom-left 2 × 2 patch
+    pixels[1, :, :2, :] = 255  # image 1: the top row of patches
+    assert blank_patches(pixels, 2).tolist() == [[True, True, False, True], [False, False, True, True]]
 
 
 def test_importance_weighted_bound_rises_to_the_discrete_likelihood() -> None:
