@@ -3,13 +3,13 @@
 Run as a script (``python benchmarks/ab_worker.py``) with PYTHONPATH pointing at the farmer tree to time, so
 one file serves today's code and an older checkout alike: it imports only torch and the API both share
 (``Farmer``, ``FarmerConfig``, ``load_model``, ``ResamplingGuidance``, ``prior.sample``, ``decode``,
-``TrainConfig``, the trainer's parameter groups, ``autocast_dtype``), plus the untrained student and the
+``TrainConfig``, the trainer's parameter groups), plus the untrained student and the
 training step, each by whichever API the tree has (the step: ``farmer.train.train_step``, or in a tree older
 than it, that tree's loop body, :func:`legacy_train_step`). Requests arrive one JSON object per stdin line; each
 gets one JSON line on stdout, so the coordinator can alternate the two sides call by call.
 
     {"op": "sample", "model": "mnist", "batch": 1, "cfg": true}
-        ->  {"wall": {"ar": s, "exact": s, ...}, "cpu": {...}, "sweeps": [...]}
+        ->  {"wall": {"ar": s, "exact": s, ...}, "cpu": {...}, "sweeps": [Jacobi sweeps per block, block 1 first]}
     {"op": "train", "model": "tarflow", "batch": 64}  ->  {"wall": {"train": s}, "cpu": {"train": s}}
 
 Wall seconds are what a user waits; CPU seconds of this process leave out the time other processes held
@@ -37,7 +37,6 @@ from farmer.checkpoint import load_model
 from farmer.config import FarmerConfig
 from farmer.guidance import ResamplingGuidance
 from farmer.model import Farmer
-from farmer.nn import autocast_dtype
 from farmer.train import TrainConfig, _param_groups
 
 # Std of the random output heads given to the TARFlow-sized flow: its blocks start as the identity (zero
@@ -77,9 +76,10 @@ def train_config(name: str) -> FarmerConfig:
 
 
 def inverses(model: Farmer) -> list[str]:
-    """The inverses this side's ``decode`` offers (an older tree may lack "jacobi")."""
+    """The inverses this side's ``decode`` offers (an older tree may lack "jacobi" and "auto")."""
     literal = str(inspect.signature(model.decode).parameters["inverse"].annotation)
-    return [name for name in ("exact", "jacobi", "distilled") if f"'{name}'" in literal or f'"{name}"' in literal]
+    return [name for name in ("exact", "jacobi", "auto", "distilled")
+            if f"'{name}'" in literal or f'"{name}"' in literal]
 
 
 class Clock:
@@ -142,7 +142,7 @@ def train_step(config: FarmerConfig, batch: int) -> Callable[[], None]:
     ``farmer.train.train_step`` with the likelihood objective's model and loss module; a tree without it, its
     own loop body (:func:`legacy_train_step`)."""
     train_config = TrainConfig.preset("mnist")
-    amp = autocast_dtype(torch.device("cpu"))  # bench_compare times the CPU only
+    amp = None  # precision "auto" on the CPU (bench_compare times the CPU only): fp32, in every tree
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, config.channels, config.image_size, config.image_size, generator=generator) * 2 - 1
     labels: Tensor = torch.randint(0, config.num_classes, (batch,), generator=generator)

@@ -8,7 +8,8 @@ Ratios are old / new medians: above 1 means today's code is faster.
 Workloads: the ``mnist`` model (the shipped checkpoint with its trained student) and the TARFlow-sized
 config (28×28×1, p = 4, 4 flow blocks × 4 layers, width 128; random weights, untrained student). Full
 sampling = AR prior + flow inverse, at each batch size, without and with resampling CFG, with the exact,
-Jacobi and distilled inverses (a side without one is left out); the train step at batch 64.
+Jacobi, auto (today's default: exact or Jacobi by batch size) and distilled inverses (a side without one is left
+out), with each side's Jacobi sweeps per block; the train step at batch 64 (``--no-train`` leaves it out).
 
     python -m benchmarks.bench_compare --compare-to 0a6217a --threads 1
 """
@@ -42,6 +43,7 @@ from farmer.pretrained import DEFAULT_SHIPPED, SHIPPED_DIR
 WORKER = Path(__file__).resolve().parent / "ab_worker.py"
 MODELS = ("mnist", "tarflow")
 BATCHES = (1, 100)
+INVERSES = ("exact", "jacobi", "auto", "distilled")
 TRAIN_BATCH = 64
 DEFAULT_CHECKPOINT = SHIPPED_DIR / DEFAULT_SHIPPED
 
@@ -149,10 +151,13 @@ def run(args: argparse.Namespace, old_tree: Path) -> dict[str, Any]:
                     request = {"op": "sample", "model": model, "batch": batch, "cfg": cfg}
                     replies = ab(sides, request, repeats.warmup, repeats.repeats)
                     row = {"kind": "sample", "model": model, "batch": batch, "cfg": cfg,
-                           **summarise(replies, ["ar", "exact", "jacobi", "distilled"]),
-                           "jacobi_sweeps": replies[-1]["new"].get("sweeps")}
+                           **summarise(replies, ["ar", *INVERSES]),
+                           "jacobi_sweeps": replies[-1]["new"].get("sweeps"),
+                           "old_jacobi_sweeps": replies[-1]["old"].get("sweeps")}
                     rows.append(row)
                     print(format_row(row), flush=True)
+            if args.no_train:
+                continue
             request = {"op": "train", "model": model, "batch": args.train_batch}
             row = {"kind": "train", "model": model, "batch": args.train_batch,
                    **summarise(ab(sides, request, repeats.warmup, repeats.repeats), ["train"])}
@@ -178,13 +183,21 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     return "—" if numerator is None or denominator is None else f"{numerator / denominator:.2f}×"
 
 
+def _old_new(entry: dict[str, Any]) -> str:
+    return f"{_seconds(entry['old_s'])} → {_seconds(entry['new_s'])}"
+
+
+def _sweeps(sweeps: list[int] | None) -> str:
+    return ",".join(map(str, sweeps)) if sweeps else "—"
+
+
 def format_row(row: dict[str, Any]) -> str:
     head = f"{row['model']:>7} {row['kind']:>6} batch {row['batch']:>3}"
     if row["kind"] == "train":
         return f"{head}: train step old {_seconds(row['train']['old_s'])} s, new " \
                f"{_seconds(row['train']['new_s'])} s, {_cell(row['train'])} (wall / CPU)"
     parts = [f"{head} cfg {'yes' if row['cfg'] else 'no ':>3}: AR {_cell(row['ar'])}"]
-    for key in ("exact", "jacobi", "distilled"):
+    for key in INVERSES:
         entry = row[key]
         if entry["new_s"] is not None:
             ratio = _cell(entry) if entry["old_s"] is not None else \
@@ -195,8 +208,9 @@ def format_row(row: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> list[str]:
     """The comparison as markdown tables (benchmarks/run_all.py prints them)."""
-    header = ["model", "batch", "CFG", "exact: old → new s", "exact ×", "Jacobi: new s", "Jacobi × vs old exact",
-              "distilled: old → new s", "distilled ×", "exact/distilled old → new", "Jacobi sweeps/block"]
+    header = ["model", "batch", "CFG", "exact: old → new s", "exact ×", "Jacobi: old → new s", "Jacobi ×",
+              "auto: new s", "auto × vs old exact", "distilled: old → new s", "distilled ×",
+              "Jacobi sweeps/block old → new"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     train = []
     for row in result["rows"]:
@@ -205,20 +219,19 @@ def markdown(result: dict[str, Any]) -> list[str]:
             train.append(f"| {row['model']} | {row['batch']} | {_seconds(t['old_s'])} → {_seconds(t['new_s'])} | "
                          f"{_cell(t)} |")
             continue
-        exact, jacobi, distilled = row["exact"], row["jacobi"], row["distilled"]
-        lines.append("| " + " | ".join([
-            row["model"], str(row["batch"]), "w = 2.5" if row["cfg"] else "none",
-            f"{_seconds(exact['old_s'])} → {_seconds(exact['new_s'])}", _cell(exact), _seconds(jacobi["new_s"]),
-            _cell(jacobi, "speedup_vs_old_exact"), f"{_seconds(distilled['old_s'])} → {_seconds(distilled['new_s'])}",
-            _cell(distilled), f"{_ratio(exact['old_s'], distilled['old_s'])} → "
-            f"{_ratio(exact['new_s'], distilled['new_s'])}", ",".join(map(str, row["jacobi_sweeps"] or [])) or "—",
-        ]) + " |")
+        cells = [row["model"], str(row["batch"]), "w = 2.5" if row["cfg"] else "none"]
+        for key in ("exact", "jacobi"):
+            cells += [_old_new(row[key]), _cell(row[key])]
+        cells += [_seconds(row["auto"]["new_s"]), _cell(row["auto"], "speedup_vs_old_exact"),
+                  _old_new(row["distilled"]), _cell(row["distilled"]),
+                  f"{_sweeps(row.get('old_jacobi_sweeps'))} → {_sweeps(row['jacobi_sweeps'])}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return [
         f"## Against {result['compare_to']} (A/B in one run)",
         "",
         "Full sampling = AR prior + inverse; wall-clock medians in seconds; × = old / new median, by wall "
-        "clock / by CPU time of the process (the steadier one on a shared machine). Today's Jacobi inverse is "
-        "compared with the old exact one.",
+        "clock / by CPU time of the process (the steadier one on a shared machine). auto (today's default) is "
+        "compared with the old exact one (the old default).",
         "",
         *lines,
         "",
@@ -236,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(BATCHES))
     parser.add_argument("--train-batch", type=positive_int, default=TRAIN_BATCH)
+    parser.add_argument("--no-train", action="store_true", help="time sampling only")
     args = parser.parse_args(argv)
     args.threads = args.threads or 1
     args.checkpoint = args.checkpoint.resolve()

@@ -1,8 +1,9 @@
 """Sampling speed, split like the paper's Table 5: AR prior time, flow (AF) inverse time, total, per image.
 
 For each batch size, without and with resampling CFG (farmer.guidance.ResamplingGuidance()): every repeat
-draws latents with ``model.prior.sample`` and decodes *those* latents with the exact inverse and — when
-the model has a student, or with ``--distilled`` — with the one-step distilled inverse (docs/method.md §7). The
+draws latents with ``model.prior.sample`` and decodes *those* latents with the exact, the Jacobi and the "auto"
+inverse (the default: exact or Jacobi by batch size), and — when the model has a student, or with ``--distilled``
+— with the one-step distilled inverse (docs/method.md §7); the Jacobi sweeps per block are recorded. The
 speed-ups are medians of per-repeat ratios, so both sides of a ratio ran back to back on the same input.
 
 Random-initialised weights by default (timing depends on the architecture, not the weights); with
@@ -87,13 +88,16 @@ def bench_case(
     y = torch.arange(batch, device=device) % config.num_classes if config.conditional else None
     labels = model.check_labels(y, batch, device)
     generator = torch.Generator(device).manual_seed(seed)
-    inverses = ["exact"] + (["distilled"] if model.student is not None else [])
+    inverses = ["exact", "jacobi", "auto"] + (["distilled"] if model.student is not None else [])
+    sweeps: list[int] = []
     laps: dict[str, list[tuple[float, float]]] = {"ar": [], **{name: [] for name in inverses}}
 
     def one_pass(record: bool) -> None:
         (informative, redundant), *ar_lap = timed(lambda: model.prior.sample(labels, generator, guidance), device)
         if record:
             laps["ar"].append(tuple(ar_lap))
+            z = torch.cat([informative, redundant], dim=-1)
+            sweeps[:] = model.flow.jacobi_inverse(z.flip(1) if config.final_permute else z)[1]
         for name in inverses:
             _, *lap = timed(lambda name=name: model.decode(informative, redundant, inverse=name), device)
             if record:
@@ -111,6 +115,7 @@ def bench_case(
         "batch": batch,
         "guidance": "none" if guidance is None else "resampling",
         "ar": timings["ar"].to_dict(),
+        "jacobi_sweeps": sweeps,
     }
     for name in inverses:
         total = statistics.median(totals[name])
@@ -128,7 +133,7 @@ def bench_case(
 
 def _print_row(row: dict[str, Any]) -> None:
     head = f"batch {row['batch']:>3} cfg {row['guidance']:>10}: AR {row['ar']['median_s'] * 1e3:8.1f} ms"
-    for name in ("exact", "distilled"):
+    for name in ("exact", "jacobi", "auto", "distilled"):
         if name in row:
             r = row[name]
             head += (
@@ -137,6 +142,7 @@ def _print_row(row: dict[str, Any]) -> None:
             )
     if "inverse_speedup" in row:
         head += f" | speed-up inverse {row['inverse_speedup']:.1f}×, total {row['total_speedup']:.2f}×"
+    head += f" | Jacobi sweeps/block {','.join(map(str, row['jacobi_sweeps']))}"
     print(head)
 
 

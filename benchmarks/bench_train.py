@@ -7,14 +7,17 @@ trainer's autocast dtype, the EMA update), minus data loading and dequantisation
 over the best square matmul measured in the same run; and peak memory, read in a fresh subprocess per phase
 (ru_maxrss on the CPU, the allocator's peak on accelerators). ``--compile`` also times the training step with
 the loss module under ``torch.compile`` (``farmer train --compile``), in the same run as the eager step.
+``--precisions fp32 bf16`` measures every preset under each precision policy (farmer.precision) in the same run,
+and prints the training step's speed-up of each over the first.
 
-    python -m benchmarks.bench_train --threads 1 --quick [--compile]
+    python -m benchmarks.bench_train --threads 1 --quick [--compile] [--precisions fp32 bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -48,7 +51,7 @@ from benchmarks.common import (
 )
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
-from farmer.nn import autocast_dtype
+from farmer.precision import PRECISIONS, autocast
 from farmer.train import TrainConfig, _param_groups, amp_dtype, make_objective, train_step
 
 PRESETS = ("tiny", "mnist")
@@ -77,8 +80,7 @@ class Workload:
 
     def log_prob(self) -> None:
         self.model.eval()
-        with torch.no_grad(), torch.autocast(self.images.device.type, dtype=self.amp or torch.float32,
-                                             enabled=self.amp is not None):
+        with torch.no_grad(), autocast(self.images.device, self.amp):
             self.model.log_prob(self.images, self.labels)
 
     def run(self, phase: str) -> Callable[[], None]:
@@ -87,13 +89,13 @@ class Workload:
         return self.train_step if phase == "train" else self.log_prob
 
 
-def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0) -> Workload:
+def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0, precision: str = "auto") -> Workload:
     """The preset's model as its training objective builds it (random initialisation), its EMA copy, AdamW with
-    the trainer's settings and parameter groups, and a random batch in [-1, 1]."""
+    the trainer's settings and parameter groups, and a random batch in [-1, 1]; autocast as ``precision`` says."""
     if batch < 1:
         raise ValueError(f"batch size must be >= 1, got {batch}")
     config = FarmerConfig.preset(preset)
-    train_config = TrainConfig.preset(preset)
+    train_config = dataclasses.replace(TrainConfig.preset(preset), precision=precision)
     objective = make_objective(train_config)
     torch.manual_seed(seed)
     model = objective.build_model(config, resuming=False).to(device)
@@ -140,13 +142,14 @@ def count_flops(fn: Callable[[], None]) -> int:
 
 
 # Memory ------------------------------------------------------------------------------------------------
-def probe_memory(preset: str, batch: int, device: torch.device, phase: str, steps: int) -> dict[str, Any]:
+def probe_memory(preset: str, batch: int, device: torch.device, phase: str, steps: int,
+                 precision: str = "auto") -> dict[str, Any]:
     """Peak memory of ``steps`` calls of ``phase`` measured in *this* process (call it in a fresh one).
 
     On the CPU: peak RSS after the calls minus the RSS just before them (model, EMA, optimizer and batch already
     built); the first training step also allocates AdamW's moments. On accelerators: the allocator's peak.
     """
-    workload = build_workload(preset, batch, device)
+    workload = build_workload(preset, batch, device, precision=precision)
     fn = workload.run(phase)
     if device.type == "cpu":
         before = current_rss_bytes()
@@ -179,7 +182,7 @@ def probe_memory(preset: str, batch: int, device: torch.device, phase: str, step
 
 
 def memory_in_subprocess(
-    preset: str, batch: int, device: torch.device, phase: str, steps: int, threads: int
+    preset: str, batch: int, device: torch.device, phase: str, steps: int, threads: int, precision: str = "auto"
 ) -> dict[str, Any]:
     """Run :func:`probe_memory` in a fresh interpreter: a process's peak RSS only ever grows."""
     command = [
@@ -198,6 +201,8 @@ def memory_in_subprocess(
         str(threads),
         "--probe-steps",
         str(steps),
+        "--precisions",
+        precision,
     ]
     done = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_MARKER)]
@@ -216,10 +221,12 @@ def bench_preset(
     threads: int,
     probe_steps: int,
     compile_step: bool = False,
+    precision: str = "auto",
 ) -> dict[str, Any]:
-    """Both phases of one preset: timing, images/s, FLOPs, fraction of ``peak`` (from :func:`matmul_peak`), memory;
-    with ``compile_step`` also the compiled training step (``train_compiled``, after the eager phases)."""
-    workload = build_workload(preset, batch, device)
+    """Both phases of one preset under ``precision``: timing, images/s, FLOPs, fraction of ``peak`` (from
+    :func:`matmul_peak` in the step's matmul dtype), memory; with ``compile_step`` also the compiled training step
+    (``train_compiled``, after the eager phases)."""
+    workload = build_workload(preset, batch, device, precision=precision)
     config = workload.model.config
     result: dict[str, Any] = {
         "preset": preset,
@@ -227,6 +234,7 @@ def bench_preset(
         "parameters": sum(p.numel() for p in workload.model.parameters()),
         "tokens": config.num_tokens,
         "token_dim": config.token_dim,
+        "policy": precision,
         "precision": "fp32" if workload.amp is None else str(workload.amp).removeprefix("torch."),
     }
     for phase in PHASES:
@@ -245,7 +253,7 @@ def bench_preset(
             "achieved_gflops": achieved,
             "fraction_of_peak": achieved / peak["gflops"],
             "fraction_of_peak_cpu_time": cpu_fraction,
-            "memory": memory_in_subprocess(preset, batch, device, phase, probe_steps, threads),
+            "memory": memory_in_subprocess(preset, batch, device, phase, probe_steps, threads, precision),
         }
     if compile_step:
         result["train_compiled"] = time_compiled_train_step(workload, device, repeats, result["train"]["median_s"])
@@ -267,7 +275,8 @@ def _print_row(row: dict[str, Any]) -> None:
     for phase in PHASES:
         r = row[phase]
         print(
-            f"{row['preset']:>6} {phase:>8} batch {row['batch']:>3}: {r['images_per_s']:9.1f} img/s  "
+            f"{row['preset']:>6} {row['precision']:>8} {phase:>8} batch {row['batch']:>3}: "
+            f"{r['images_per_s']:9.1f} img/s  "
             f"{r['median_s'] * 1e3:8.1f} ms/step  {r['flops'] / 1e9:7.2f} GFLOP  "
             f"{r['achieved_gflops']:6.1f} GFLOP/s = {100 * r['fraction_of_peak']:5.1f}% of peak "
             f"({percent(r['fraction_of_peak_cpu_time'])} by CPU time)  "
@@ -285,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="model presets to measure")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--compile", action="store_true", help="also time the train step under torch.compile")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["auto"],
+                        help="precision policies to measure, each in this run (speed-ups are against the first)")
     parser.add_argument("--probe", choices=PHASES, default=None, help=argparse.SUPPRESS)  # memory subprocess
     parser.add_argument("--probe-steps", type=positive_int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -300,30 +311,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.probe is not None:
         print(
             PROBE_MARKER
-            + json.dumps(probe_memory(args.presets[0], args.batch_size, device, args.probe, args.probe_steps or 1))
+            + json.dumps(probe_memory(args.presets[0], args.batch_size, device, args.probe, args.probe_steps or 1,
+                                      args.precisions[0]))
         )
         return None
 
-    compute_dtype = autocast_dtype(device) or torch.float32  # the dtype the step's matmuls run in
     with cpu_usage() as usage:
-        peak = matmul_peak(device, compute_dtype, repeats=5 if args.quick else 10)
-        print(f"matmul peak ({peak['size']}², {peak['dtype']}, {threads} threads): {peak['gflops']:.1f} GFLOP/s")
+        peaks = {}  # the matmul peak in each compute dtype the steps run in
+        for precision in args.precisions:
+            dtype = amp_dtype(TrainConfig(precision=precision), device) or torch.float32
+            if dtype not in peaks:
+                peaks[dtype] = matmul_peak(device, dtype, repeats=5 if args.quick else 10)
+                print(f"matmul peak ({peaks[dtype]['size']}², {peaks[dtype]['dtype']}, {threads} threads): "
+                      f"{peaks[dtype]['gflops']:.1f} GFLOP/s")
         rows = []
         for preset in args.presets:
-            rows.append(
-                bench_preset(
-                    preset,
-                    args.batch_size,
-                    device,
-                    repeats,
-                    peak,
-                    threads,
-                    probe_steps=1 if args.quick else 2,
-                    compile_step=args.compile,
-                )
-            )
-            _print_row(rows[-1])
-    return save_benchmark("train", args, device, repeats, usage, matmul_peak=peak, presets=rows)
+            for precision in args.precisions:
+                dtype = amp_dtype(TrainConfig(precision=precision), device) or torch.float32
+                rows.append(bench_preset(preset, args.batch_size, device, repeats, peaks[dtype], threads,
+                                         probe_steps=1 if args.quick else 2, compile_step=args.compile,
+                                         precision=precision))
+                _print_row(rows[-1])
+        speedups = _precision_speedups(rows, args.precisions)
+    return save_benchmark("train", args, device, repeats, usage, matmul_peak=list(peaks.values()), presets=rows,
+                          precision_speedups=speedups)
+
+
+def _precision_speedups(rows: list[dict[str, Any]], precisions: list[str]) -> list[dict[str, Any]]:
+    """Each preset's training step under every precision against the first, from the rows of one run; printed."""
+    speedups = []
+    for preset in dict.fromkeys(row["preset"] for row in rows):
+        base = next(row for row in rows if row["preset"] == preset and row["policy"] == precisions[0])
+        for row in rows:
+            if row["preset"] == preset and row is not base:
+                ratio = base["train"]["median_s"] / row["train"]["median_s"]
+                speedups.append({"preset": preset, "precision": row["policy"], "against": precisions[0],
+                                 "train_speedup": ratio})
+                print(f"{preset}: train step under {row['policy']} {ratio:.2f}× {precisions[0]}'s")
+    return speedups
 
 
 if __name__ == "__main__":

@@ -236,6 +236,29 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident high-water mark to its current RSS (Linux ≥ 4.0: "5" to clear_refs), so that
+    :func:`peak_rss_bytes` afterwards measures only the work that follows. False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def peak_rss_delta() -> Iterator[dict[str, int | None]]:
+    """``with peak_rss_delta() as mem: work()`` fills ``mem["peak_delta_bytes"]``: the process's peak resident
+    memory during the block above its resident memory at entry (the allocator's and the kernel's view, not
+    tracemalloc's Python-only one). None where the high-water mark cannot be reset."""
+    reading: dict[str, int | None] = {"peak_delta_bytes": None}
+    resettable = reset_peak_rss()
+    start = current_rss_bytes()
+    yield reading
+    if resettable and start is not None:
+        reading["peak_delta_bytes"] = peak_rss_bytes() - start
+
+
 # Environment -----------------------------------------------------------------------------------------
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, else whatever ``platform`` knows."""

@@ -135,7 +135,7 @@ def information_separation(
         raise ValueError(f"show must be >= 1, got {show}")
     x = _model_images(model, images)
     flow = model.flow
-    path, _ = flow.forward_path(model.patchify(x))
+    path, _ = flow.forward_path(model.to_tokens(x)[0])
     cache = flow.allocate_cache(x.shape[0], x.device)
     generator = torch.Generator(x.device).manual_seed(seed)
     num_blocks = len(flow.blocks)
@@ -154,7 +154,7 @@ def information_separation(
             for kind, perturbed in (("partial", partial), ("full", full)):
                 for block in reversed(flow.blocks[:t]):
                     perturbed = block.inverse(perturbed, cache)
-                recon = model.unpatchify(perturbed).clamp(-1, 1)
+                recon = model.from_tokens(perturbed).clamp(-1, 1)
                 mse[kind][t - 1, j] = (recon - x).square().mean().item()
                 row.append(model_to_pixels(recon[:show]))
         cells.append(row)

@@ -9,8 +9,9 @@
     farmer score    [--checkpoint NAME|DIR] (--data NAME | --images DIR | --npz FILE) --out scores.csv
     farmer analyze  separation|variance|logdet|unguided --checkpoint DIR --out DIR
     farmer demo     [--checkpoint DIR] [--host 127.0.0.1] [--port 7860]
-    farmer data     prepare NAME
+    farmer data     prepare NAME | pack SRC --out DIR --size 256 [--workers N]
     farmer presets
+    farmer plan     --preset NAME | --all [--gpus 8 --gpu-memory 80] [--json FILE]
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,10 +30,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from farmer.data import DEFAULT_VAL_FRACTION, make_dataset
+from farmer.data import DATASET_NAMES, DEFAULT_VAL_FRACTION, make_dataset
+from farmer.packing import DEFAULT_SHARD_SIZE
 from farmer.sampling import parse_classes
 
 if TYPE_CHECKING:
+    from farmer import Farmer, FarmerConfig
     from farmer.distributed import Runtime
     from farmer.sampling import SamplingOptions
     from farmer.train import TrainConfig
@@ -52,8 +57,8 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
     return locate_checkpoint(args.checkpoint) if args.checkpoint else shipped_checkpoint()
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: integers >= ``minimum``, rejected while parsing with the flag named."""
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: integers >= ``minimum`` (and <= ``maximum``), rejected while parsing with the flag named."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -61,21 +66,33 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
     return parse
 
 
 positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+# torch seeds are unsigned 64-bit. The trainer derives per-rank and per-epoch seeds as multiples of its seed
+# (farmer/train.py), so a training seed is kept to 32 bits, far from overflowing them.
+seed_int, train_seed_int = _int_at_least(0, 2**64 - 1), _int_at_least(0, 2**32 - 1)
 
 
-def check_output_path(path: str | Path, flag: str, kind: Literal["file", "image", "directory"] = "file") -> Path:
-    """Fail before any expensive work if ``path`` cannot be written: a file that is a directory, an image
-    without a known extension (it picks the format), a directory that is a file, or a file as a parent."""
+# The file name a directory given for a file flag is told to add (e.g. --npz DIR -> DIR/samples.npz).
+_EXAMPLE_FILES = {"--npz": "samples.npz", "--json": "result.json"}
+
+
+def check_output_path(path: str | Path, flag: str, kind: Literal["file", "image", "directory"] = "file",
+                      example: str | None = None) -> Path:
+    """Fail before any expensive work if ``path`` cannot be written: a file that is a directory (``example``
+    names a file to give instead), an image without a known extension (it picks the format), a directory that
+    is a file, a file as a parent, or a directory that refuses a new file (read-only, full)."""
     from PIL import Image
 
     path = Path(path)
     if kind != "directory" and path.is_dir():
-        raise ValueError(f"{flag} {path} is a directory; give a file name (e.g. {path / 'samples.png'})")
+        example = example or ("samples.png" if kind == "image" else _EXAMPLE_FILES.get(flag, "output"))
+        raise ValueError(f"{flag} {path} is a directory; give a file name (e.g. {path / example})")
     if kind == "directory" and path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a directory")
     if kind == "image" and path.suffix.lower() not in Image.registered_extensions():
@@ -83,7 +100,21 @@ def check_output_path(path: str | Path, flag: str, kind: Literal["file", "image"
     parent = next((p for p in path.parents if p.exists()), None)  # None only for '/' itself
     if parent is not None and not parent.is_dir():
         raise ValueError(f"{flag} {path} cannot be written: {parent} is a file, not a directory")
+    if parent is not None:
+        _probe_writable(parent if kind != "directory" or not path.is_dir() else path, flag, path)
     return path
+
+
+def _probe_writable(directory: Path, flag: str, path: Path) -> None:
+    """Create and delete a file in ``directory``: a read-only or full target fails now, not after the work.
+    (A real write, not os.access, which answers yes to root on a read-only mount.)"""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".farmer-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path} cannot be written: {directory}: {err.strerror or err}") from None
 
 
 def _explicit_train_options(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
@@ -131,17 +162,43 @@ def cmd_presets(args: argparse.Namespace) -> None:
               f"total {(flow + prior) / 1e6:8.2f}M")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from farmer.config import PRESETS
+    from farmer.plan import IMAGENET_PRESETS, Cluster, assumptions, format_table, plan
+
+    if (args.preset is None) == (not args.all):
+        raise ValueError("give one --preset NAME or --all (every ImageNet preset)")
+    if args.preset is not None and args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    cluster = Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, mfu=args.mfu, headroom=args.headroom)
+    path = None if args.json is None else check_output_path(args.json, "--json")
+    plans = [plan(name, cluster) for name in (IMAGENET_PRESETS if args.all else [args.preset])]
+    print(format_table(plans, cluster))
+    if path is not None:
+        path.write_text(json.dumps({"assumptions": assumptions(cluster), "plans": plans}, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from farmer.data import prepare_dataset
 
     print(prepare_dataset(args.name, args.root))
 
 
+def cmd_pack(args: argparse.Namespace) -> None:
+    from farmer.packing import pack_image_folder
+
+    index = pack_image_folder(args.source, args.out, args.size, args.workers, args.shard_size, progress=True)
+    counts = ", ".join(f"{split} {entry['count']} images ({len(entry['skipped'])} unreadable, skipped)"
+                       for split, entry in index["splits"].items())
+    print(f"packed {args.source} at {args.size}×{args.size} into {args.out}: {counts}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from farmer import FarmerConfig
     from farmer.config import parse_assignments
     from farmer.pretrained import read_config
-    from farmer.train import TrainConfig, stored_configs, train
+    from farmer.train import TrainConfig, stored_configs
 
     out = check_output_path(args.out, "--out", "directory")
     # A resumed run keeps its stored model config; --preset or --set there must agree with it (train checks).
@@ -162,15 +219,31 @@ def cmd_train(args: argparse.Namespace) -> None:
                "init_from": args.init_from}
     train_config = _settle_train_config(out, TrainConfig.preset(preset or "mnist"),
                                         _explicit_train_options(args, options))
-    result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at,
-                   logger=args.log)
+    _run_training(args, model_config, train_config, out)
+
+
+def _run_training(args: argparse.Namespace, model_config: FarmerConfig, train_config: TrainConfig, out: Path) -> None:
+    """Train or resume, after the checks that need no model: optional packages, and a resume with steps left."""
+    from farmer.pretrained import read_config
+    from farmer.train import train
+
+    require_extras([train_config.data], args.log)
+    if (out / "LATEST").is_file():
+        step = read_config(out).get("step", 0)
+        if step > train_config.steps:
+            raise ValueError(f"{out} is at step {step}, past --steps {train_config.steps}: nothing to do (give "
+                             f"--steps above {step} to train on)")
+        if step == train_config.steps:
+            print(f"{out} is already trained to step {step} of {train_config.steps}: nothing to do", file=sys.stderr)
+            return
+    result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at, logger=args.log)
     print(json.dumps(result, indent=2))
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from farmer import FarmerConfig
     from farmer.pretrained import read_config
-    from farmer.train import DISTILL_DEFAULTS, TrainConfig, train
+    from farmer.train import DISTILL_DEFAULTS, TrainConfig
 
     teacher = read_config(args.teacher)
     model_config = FarmerConfig.from_dict(teacher["model"]).replace(distilled_inverse=True)
@@ -181,9 +254,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
                "lr": args.lr, "seed": args.seed, "teacher_weights": args.teacher_weights}
     out = check_output_path(args.out, "--out", "directory")
     train_config = _settle_train_config(out, fresh, _explicit_train_options(args, options))
-    result = train(model_config, train_config, out, device=args.device, stop_at=args.stop_at,
-                   logger=args.log)
-    print(json.dumps(result, indent=2))
+    _run_training(args, model_config, train_config, out)
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
@@ -196,7 +267,7 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     elif args.cfg_option:
         raise ValueError("--cfg-option needs guidance: pass --guidance W (and not --cfg none)")
     return SamplingOptions(guidance=guidance, variance_scale=args.variance_scale, temperature=args.temperature,
-                           inverse=getattr(args, "inverse", "exact"), batch_size=args.batch_size, seed=args.seed)
+                           inverse=getattr(args, "inverse", "auto"), batch_size=args.batch_size, seed=args.seed)
 
 
 def _load(args: argparse.Namespace, ema: bool = True, device: torch.device | str | None = None):
@@ -210,7 +281,9 @@ def _sample_layout(args: argparse.Namespace, cfg) -> tuple[int, torch.Tensor | N
     """(n, labels, images per grid row) of `farmer sample`: one row per class of --classes, or balanced labels."""
     if args.classes is not None and not cfg.conditional:
         raise ValueError("--classes given, but the model is unconditional")
-    classes = parse_classes(args.classes, cfg.num_classes)
+    from farmer.pretrained import read_id2label  # class names, which --classes may use
+
+    classes = parse_classes(args.classes, cfg.num_classes, read_id2label(checkpoint_path(args)))
     if classes:
         # One grid row per class, all of one length.
         if args.n is not None and args.n % len(classes):
@@ -272,6 +345,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     n, labels, nrow = _sample_layout(args, model.config)
     shard = (0, 1) if rt is None else (rt.rank, rt.world)
     start = time.perf_counter()
+    if rt is None and out is None:  # only --npz: streamed batch by batch, so that millions of images fit
+        _stream_samples(args, model, n, labels)
+        elapsed = time.perf_counter() - start
+        print(f"sampled {n} images from {checkpoint} in {elapsed:.1f} s ({n / elapsed:.1f} img/s); wrote {args.npz}")
+        return
     pixels = generate(model, n, labels, sampling_options(args), progress=shard[0] == 0, shard=shard)
     if rt is not None:
         pixels = _gather_shards(pixels, Path(args.npz), rt)
@@ -287,6 +365,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {save_npz_images(args.npz, nhwc, None if labels is None else labels.numpy())}")
 
 
+def _stream_samples(args: argparse.Namespace, model: Farmer, n: int, labels: torch.Tensor | None) -> None:
+    """Draw the samples of `farmer sample --npz` and write each batch to the file as it comes."""
+    from farmer.evaluation import generate_batches
+    from farmer.images import stream_npz_images
+
+    cfg = model.config
+    batches = generate_batches(model, n, labels, sampling_options(args), progress=True)
+    stream_npz_images(args.npz, (n, cfg.image_size, cfg.image_size, cfg.channels),
+                      (batch.permute(0, 2, 3, 1).numpy() for batch in batches),
+                      None if labels is None else labels.numpy())
+
+
 def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None, str, int | None]:
     """uint8 NCHW samples, their labels, their source and the model's patch size (None for --npz): from --npz,
     or drawn from the checkpoint (class-balanced)."""
@@ -300,8 +390,32 @@ def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.
         return images, labels, str(args.npz), None
     checkpoint, model = _load(args)
     labels = balanced_labels(model, args.n)
+    start = time.perf_counter()
     images = generate(model, args.n, labels, sampling_options(args), progress=True)
+    _keep_samples(args, images, labels, time.perf_counter() - start)
     return images, labels, str(checkpoint), model.config.patch_size
+
+
+LONG_SAMPLING_SECONDS = 60.0  # samples that took longer are kept in an .npz even without --keep-samples
+
+
+def _keep_samples(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor | None,
+                  seconds: float) -> None:
+    """Write the samples an evaluation drew to --keep-samples, or after a long sampling to
+    eval-METRIC-samples.npz, before the metric runs: a failure there must not cost the sampling."""
+    from farmer.metrics import save_npz_images
+
+    keep = args.keep_samples or (f"eval-{args.metric}-samples.npz" if seconds >= LONG_SAMPLING_SECONDS else None)
+    if keep is None:
+        return
+    try:
+        save_npz_images(keep, images.permute(0, 2, 3, 1).numpy(), None if labels is None else labels.numpy())
+    except OSError as err:
+        if args.keep_samples:
+            raise
+        print(f"farmer: warning: could not keep the samples in {keep}: {err}", file=sys.stderr)
+        return
+    print(f"kept the {len(images)} samples in {keep} (score them again with --npz {keep})", file=sys.stderr)
 
 
 def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -314,12 +428,56 @@ def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def _eval_command(run: Callable[[argparse.Namespace], dict[str, Any]]) -> Callable[[argparse.Namespace], None]:
-    """A `farmer eval` sub-command: checks --json before the work, reports the result after it."""
+    """A `farmer eval` sub-command: checks --json and settles the data before the work, reports the result after
+    it."""
     def command(args: argparse.Namespace) -> None:
         if args.json:
             check_output_path(args.json, "--json")
+        if getattr(args, "keep_samples", None):
+            check_output_path(args.keep_samples, "--keep-samples", example="samples.npz")
+        _settle_eval_data(args)
         _report(args, {"metric": args.metric, **run(args)})
     return command
+
+
+# eval ood without --ood-data: the other one of the two look-alike sets.
+_OOD_PARTNERS = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
+
+
+def trained_on(checkpoint: Path) -> str | None:
+    """The data a checkpoint was trained on, as its config.json records it (None if it does not)."""
+    from farmer.pretrained import read_config
+
+    return read_config(checkpoint).get("train", {}).get("data")
+
+
+def data_for(given: str | None, checkpoint: Path | None, flag: str = "--data") -> str | None:
+    """The data to judge a model on: ``given``, else what ``checkpoint`` was trained on (None if neither is
+    known). Data other than the model's own is said in one line on stderr: its numbers mean something else."""
+    trained = None if checkpoint is None else trained_on(checkpoint)
+    if given is not None and trained is not None and given != trained:
+        print(f"farmer: note: scoring {trained}'s model on {given} ({flag})", file=sys.stderr)
+    return given if given is not None else trained
+
+
+def _settle_eval_data(args: argparse.Namespace) -> None:
+    """Fill --data (--in-data and --ood-data for ood) from the checkpoint's config.json when not given, so that
+    a model is scored on its own data by default; --npz samples without --checkpoint record no data."""
+    from_npz = getattr(args, "npz", None) and not args.checkpoint
+    checkpoint = None if from_npz else checkpoint_path(args)
+    if args.metric == "ood":
+        args.in_data = data_for(args.in_data, checkpoint, "--in-data")
+        args.ood_data = args.ood_data or _OOD_PARTNERS.get(args.in_data)
+        if args.ood_data is None:
+            raise ValueError(f"give --ood-data: there is no default out-of-distribution set for {args.in_data}")
+        require_extras([args.in_data, args.ood_data])
+        return
+    args.data = data_for(args.data, checkpoint)
+    require_extras([args.data])
+    needs_data = not (args.metric == "fid" and args.ref_stats) and args.metric != "distill"
+    if args.data is None and needs_data:
+        raise ValueError(f"give --data: {'an .npz of samples' if from_npz else checkpoint} does not record the "
+                         "data it comes from")
 
 
 def eval_bpd(args: argparse.Namespace) -> dict[str, Any]:
@@ -334,26 +492,56 @@ def eval_bpd(args: argparse.Namespace) -> dict[str, Any]:
               "importance_samples": args.importance_samples}
     if args.breakdown:
         return {**header, **bpd_breakdown(model, dataset, args.batch_size, args.max_images, progress=True)}
-    return {**header, "bits_per_dim": evaluate_bpd(model, dataset, args.batch_size, args.max_images, progress=True,
-                                                   importance_samples=args.importance_samples)}
+    result = {**header, "bits_per_dim": evaluate_bpd(model, dataset, args.batch_size, args.max_images, progress=True,
+                                                     importance_samples=args.importance_samples)}
+    if model.dequantizer is not None:  # its learned dequantisation's bound beside the uniform one, never instead
+        result["variational_bits_per_dim"] = evaluate_bpd(model, dataset, args.batch_size, args.max_images,
+                                                          progress=True, importance_samples=args.importance_samples,
+                                                          bound="variational")
+    return result
 
 
 def eval_fid(args: argparse.Namespace) -> dict[str, Any]:
     from farmer.evaluation import fid_report
+    from farmer.metrics import InceptionFeatures, load_reference_statistics
 
+    # Every dependency before the sampling: the Inception weights, and the reference statistics or data.
+    extractor = InceptionFeatures(device=args.device, progress=True)
+    if args.ref_stats:
+        load_reference_statistics(args.ref_stats)
+    elif args.data in DATASET_NAMES:  # an image folder is read lazily; its size is the samples'
+        make_dataset(args.data, args.split, args.data_root)
     images, _, source, _ = _samples_for_metrics(args)
     return {"data": args.data, "source": source,
             **fid_report(images, args.data, args.split, args.reference_images, args.precision_recall_images,
                          device=args.device, root=args.data_root, ref_stats=args.ref_stats,
-                         real_vs_real=not args.no_real_vs_real)}
+                         real_vs_real=not args.no_real_vs_real, extractor=extractor)}
+
+
+def _check_classifier_fits(data: str, channels: int, size: int, what: str) -> None:
+    """Refuse, before any sampling, data or images that no shipped classifier reads."""
+    from farmer.classifier import CLASSIFIER_DATASETS
+
+    if data not in CLASSIFIER_DATASETS:
+        raise ValueError(f"eval classifier: no shipped classifier for {data}; there are classifiers for "
+                         f"{', '.join(CLASSIFIER_DATASETS)} only")
+    if (channels, size) != (1, 28):
+        raise ValueError(f"eval classifier: {what} has {channels}×{size}² images; the shipped classifiers read "
+                         "1×28² (MNIST, Fashion-MNIST)")
 
 
 def eval_classifier(args: argparse.Namespace) -> dict[str, Any]:
     from farmer.classifier import classifier_metrics
+    from farmer.config import FarmerConfig
     from farmer.evaluation import dataset_pixels
     from farmer.metrics import stripe_ratio
+    from farmer.pretrained import read_config
 
+    if not args.npz:
+        model = FarmerConfig.from_dict(read_config(checkpoint_path(args))["model"])
+        _check_classifier_fits(args.data, model.channels, model.image_size, "the model")
     images, labels, source, patch_size = _samples_for_metrics(args)
+    _check_classifier_fits(args.data, images.shape[1], images.shape[-1], source)
     result = {"data": args.data, "source": source,
               **classifier_metrics(images, args.data, labels, reference=args.split)}
     if patch_size is not None:  # the stripe statistic at the model's patch period (docs/quality.md)
@@ -393,7 +581,6 @@ def _images_to_score(args: argparse.Namespace, model) -> tuple[torch.Tensor, tor
     from PIL import Image
 
     from farmer.evaluation import dataset_pixels
-    from farmer.images import load_image
     from farmer.metrics import load_npz_images
 
     cfg = model.config
@@ -404,6 +591,8 @@ def _images_to_score(args: argparse.Namespace, model) -> tuple[torch.Tensor, tor
         return dataset_pixels(args.data, args.split, count, cfg.image_size, args.data_root), labels, None
     if args.npz:
         images = torch.from_numpy(load_npz_images(args.npz)[:args.max_images]).permute(0, 3, 1, 2).contiguous()
+        if not len(images):
+            raise ValueError(f"--npz {args.npz} holds no images (arr_0 has 0 of them)")
         with np.load(args.npz) as data:
             labels = data["labels"][:args.max_images] if "labels" in data.files and cfg.conditional else None
         return images, None if labels is None else torch.from_numpy(labels), None
@@ -414,8 +603,18 @@ def _images_to_score(args: argparse.Namespace, model) -> tuple[torch.Tensor, tor
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions)[:args.max_images]
     if not files:
         raise ValueError(f"--images {folder} holds no image files")
-    images = torch.stack([load_image(f, cfg.channels, cfg.image_size) for f in files])
-    return images, None, [str(f.relative_to(folder)) for f in files]
+    return torch.stack([_read_image(f, cfg.channels, cfg.image_size) for f in files]), None, [
+        str(f.relative_to(folder)) for f in files]
+
+
+def _read_image(file: Path, channels: int, size: int) -> torch.Tensor:
+    """One file of --images; an unreadable or truncated one is named (Pillow's own errors do not)."""
+    from farmer.images import load_image
+
+    try:
+        return load_image(file, channels, size)
+    except (OSError, SyntaxError) as err:  # SyntaxError: Pillow's bad PNG chunks
+        raise ValueError(f"--images: cannot read {file}: {err}") from None
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -425,7 +624,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     from farmer.evaluation import score_images
     from farmer.io import write_atomic
 
-    out = check_output_path(args.out, "--out")
+    out = check_output_path(args.out, "--out", example="scores.csv")
+    if args.data:
+        data_for(args.data, checkpoint_path(args))
     checkpoint, model = _load(args)
     images, labels, names = _images_to_score(args, model)
     scores = score_images(model, images, labels, args.batch_size, args.seed, progress=True)
@@ -464,7 +665,7 @@ CHECKPOINT_HELP = "run or step directory, or a shipped model's name (default: th
 def _add_model_arguments(p: argparse.ArgumentParser, batch_size: int = 250) -> None:
     p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="0 to 2^64 - 1")
     p.add_argument("--device", default=None)
 
 
@@ -480,15 +681,22 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, n: int | None, n_help: s
     p.add_argument("--variance-scale", type=float, default=1.0, help="unguided s (paper: 0.9)")
     p.add_argument("--temperature", type=float, default=1.0, help="unguided mixture-weight T (paper: 1.3)")
     if inverse:
-        p.add_argument("--inverse", choices=["exact", "jacobi", "distilled"], default="exact",
-                       help="flow inverse: sequential, Jacobi-iterated (same result, parallel over tokens), or the "
-                            "student")
+        p.add_argument("--inverse", choices=["auto", "exact", "jacobi", "distilled"], default="auto",
+                       help="flow inverse: sequential, Jacobi-iterated (same result, parallel over tokens), the "
+                            "student, or auto: exact or Jacobi, whichever is faster at the batch size (default)")
 
 
-def _add_data_arguments(p: argparse.ArgumentParser, data: str | None = "mnist", what: str = "the data") -> None:
-    p.add_argument("--data", default=data, help=f"{what}: mnist, fashion-mnist, digits or an image folder")
+def _add_data_arguments(p: argparse.ArgumentParser, what: str = "the data") -> None:
+    p.add_argument("--data", default=None, help=f"{what}: mnist, fashion-mnist, digits or an image folder (default: "
+                   "the data the checkpoint was trained on, from its config.json; another is noted on stderr)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="test", help="the data split")
+
+
+def _add_keep_samples_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-samples", default=None, metavar="FILE",
+                   help="write the drawn samples to this .npz before scoring them (without it, a sampling of more "
+                        f"than {LONG_SAMPLING_SECONDS:.0f} s is kept in eval-METRIC-samples.npz)")
 
 
 def _add_log_argument(p: argparse.ArgumentParser) -> None:
@@ -518,7 +726,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, samples/)")
     # Every default is None, "not given": a resumed run keeps its stored value of each option not given.
     for flag, kind in (("--steps", positive_int), ("--batch-size", positive_int), ("--lr", float),
-                       ("--warmup-steps", non_negative_int), ("--grad-accum", positive_int), ("--seed", int),
+                       ("--warmup-steps", non_negative_int), ("--grad-accum", positive_int), ("--seed", train_seed_int),
                        ("--num-workers", non_negative_int), ("--eval-every", positive_int),
                        ("--sample-every", positive_int), ("--save-every", positive_int), ("--ema-decay", float),
                        ("--stop-at", positive_int)):
@@ -543,8 +751,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-weights", choices=["ema", "raw"], default=None,
                    help="the teacher checkpoint's EMA (default) or raw weights")
     p.add_argument("--data-root", default=None)
-    for flag, kind in (("--steps", positive_int), ("--batch-size", positive_int), ("--lr", float), ("--seed", int),
-                       ("--stop-at", positive_int)):
+    for flag, kind in (("--steps", positive_int), ("--batch-size", positive_int), ("--lr", float),
+                       ("--seed", train_seed_int), ("--stop-at", positive_int)):
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--device", default=None)
     _add_train_set_argument(p)
@@ -557,11 +765,13 @@ def _add_sampling_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw a PNG grid and/or an .npz from a checkpoint (sharded under torchrun)")
     _add_sampling_arguments(p, n=None, n_help=f"number of images (default {DEFAULT_SAMPLES}); with --classes a "
                             f"multiple of the class count (default {DEFAULT_SAMPLES} // classes per class)")
-    p.add_argument("--classes", default=None, help="e.g. 0-9 or 1,4,7: one grid row per class")
+    p.add_argument("--classes", default=None, help="e.g. 0-9, 1,4,7 or class names from the checkpoint's "
+                   "config.json id2label (sandal,sneaker for fashion-mnist): one grid row per class")
     p.add_argument("--out", default=None, help="the PNG (or other image format, by extension) grid (default "
                    "samples.png; none when only --npz is given)")
     p.add_argument("--npz", default=None, help="write uint8 NHWC images under arr_0 and labels under labels (the "
-                   "layout FID suites read); under torchrun each rank samples its share")
+                   "layout FID suites read); without --out it is streamed batch by batch (millions fit); under "
+                   "torchrun each rank samples its share")
     p.add_argument("--scale", type=positive_int, default=2, help="upscale the PNG grid by this factor")
     p.set_defaults(func=cmd_sample)
 
@@ -604,6 +814,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
                            "ADM reference batch")
     _add_sampling_arguments(q, n=1000, n_help="samples to draw (the paper's protocol: 50,000)")
     q.add_argument("--npz", default=None, help="score these samples (arr_0, uint8 NHWC) instead of sampling")
+    _add_keep_samples_argument(q)
     _add_data_arguments(q, what="the reference data (without --ref-stats)")
     q.add_argument("--reference-images", type=positive_int, default=10_000,
                    help="reference images for the statistics of --data")
@@ -619,19 +830,23 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
                            "features, class accuracy (MNIST, Fashion-MNIST)")
     _add_sampling_arguments(q, n=1000)
     q.add_argument("--npz", default=None, help="score these samples (arr_0, uint8 NHWC; labels) instead of sampling")
+    _add_keep_samples_argument(q)
     _add_data_arguments(q, what="the classifier's data")
     q.set_defaults(run=eval_classifier)
 
     q = metrics.add_parser("distill", help="the distilled inverse against the exact one on the same prior latents")
     _add_sampling_arguments(q, n=1000, inverse=False)
-    q.add_argument("--data", default="mnist", help="mnist or fashion-mnist: also classifier metrics of both inverses")
+    q.add_argument("--data", default=None, help="mnist or fashion-mnist: also classifier metrics of both inverses "
+                   "(default: the checkpoint's training data)")
     q.set_defaults(run=eval_distill)
 
     q = metrics.add_parser("ood", help="out-of-distribution detection by likelihood: AUROC of −log p(x) and of "
                            "corrected scores")
     _add_model_arguments(q, batch_size=256)
-    q.add_argument("--in-data", default="mnist", help="the in-distribution data (the model's training data)")
-    q.add_argument("--ood-data", default="fashion-mnist", help="the out-of-distribution data")
+    q.add_argument("--in-data", default=None, help="the in-distribution data (default: the model's training data, "
+                   "from its config.json)")
+    q.add_argument("--ood-data", default=None, help="the out-of-distribution data (default: fashion-mnist for an "
+                   "mnist model, mnist for a fashion-mnist one)")
     q.add_argument("--data-root", default=None)
     q.add_argument("--split", default="test", help="the split of both data sets")
     q.add_argument("--n", type=positive_int, default=2_000, help="images per side")
@@ -647,11 +862,31 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the named model sizes with their parameter counts")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("data", help="fetch and verify a named dataset")
-    p.add_argument("action", choices=["prepare"])
-    p.add_argument("name", choices=["mnist", "fashion-mnist", "digits"])
-    p.add_argument("--root", default=None, help="data directory (default: $FARMER_DATA or ~/.cache/farmer/data)")
-    p.set_defaults(func=cmd_data)
+    p = sub.add_parser("plan", help="what training a preset takes on GPUs: FLOPs, memory, batch that fits, days")
+    p.add_argument("--preset", default=None, help="a preset name (farmer presets)")
+    p.add_argument("--all", action="store_true", help="every ImageNet preset")
+    p.add_argument("--gpus", type=positive_int, default=8)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80, an H100)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed share of the 989 TFLOP/s bf16 peak (default 0.4)")
+    p.add_argument("--headroom", type=float, default=0.15, help="share of GPU memory left free (default 0.15)")
+    p.add_argument("--json", default=None, help="also write the plans and assumptions to this file")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("data", help="fetch and verify a named dataset, or pack an image folder into shards")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("prepare", help="fetch and verify a named dataset")
+    q.add_argument("name", choices=["mnist", "fashion-mnist", "digits"])
+    q.add_argument("--root", default=None, help="data directory (default: $FARMER_DATA or ~/.cache/farmer/data)")
+    q.set_defaults(func=cmd_data)
+    q = actions.add_parser("pack", help="decode and ADM-centre-crop an image folder once into uint8 shards that "
+                                        "--data DIR trains from (farmer/packing.py)")
+    q.add_argument("source", help="class-per-subfolder image folder, optionally under train/val/test")
+    q.add_argument("--out", required=True, help="new directory for the shards (resumes DIR.partial if present)")
+    q.add_argument("--size", type=positive_int, required=True, help="image side after the crop, e.g. 256")
+    q.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                   help="decoding processes (default: min(8, CPUs))")
+    q.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE, help="images per shard")
+    q.set_defaults(func=cmd_pack)
 
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
@@ -664,7 +899,7 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=positive_int, default=64)
     p.add_argument("--from-samples", action="store_true")
     p.add_argument("--n-per-cell", type=positive_int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_analyze)
 
@@ -685,13 +920,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(name: str | None) -> None:
+    """--device names a device this torch build has (torch's own answer for CUDA is an AssertionError)."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name: {err}") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and backend is not None and hasattr(backend, "is_available"):
+        if not backend.is_available():
+            cpu_build = device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None
+            build = f" (this torch {torch.__version__} is built without CUDA)" if cpu_build else ""
+            raise ValueError(f"--device {name}: no {device.type} device is available{build}; use --device cpu")
+        count = backend.device_count() if hasattr(backend, "device_count") else None
+        if device.index is not None and count is not None and device.index >= count:
+            raise ValueError(f"--device {name}: there are only {count} {device.type} device(s)")
+
+
+def require_extras(datasets: list[str | None], log: str | None = None, fid: bool = False) -> None:
+    """ImportError naming the optional package (pyproject extra) to install, for what these arguments will need:
+    checked before any work, never a traceback once the model is built."""
+    import importlib.util
+
+    from farmer.tracking import TENSORBOARD_INSTALL
+
+    installs = {"sklearn": "the 'digits' data set needs scikit-learn: pip install 'farmer-flow[all]'",
+                "tensorboard": f"--log tensorboard needs tensorboard: {TENSORBOARD_INSTALL}"}
+    needed = (["sklearn"] if "digits" in datasets else []) + (["tensorboard"] if log == "tensorboard" else [])
+    for module in needed:
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(installs[module])
+    if fid:
+        from farmer.metrics import inception_weights_path
+
+        inception_weights_path()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """farmer's own warnings as one 'farmer: warning:' line on stderr; others in Python's format."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"farmer: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_device(getattr(args, "device", None))
+        require_extras([getattr(args, key, None) for key in ("data", "in_data", "ood_data")],
+                       getattr(args, "log", None), getattr(args, "metric", None) == "fid")
         args.func(args)
-    except (ValueError, OSError, RuntimeError, TypeError) as err:  # OSError: unwritable paths and the like
+    # OSError: unwritable paths and the like; ImportError: a missing optional package, named by the message.
+    except (ValueError, OSError, RuntimeError, TypeError, ImportError) as err:
         print(f"farmer: error: {err}", file=sys.stderr)
-        return getattr(err, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM
+        return getattr(err, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM, 130 by Ctrl-C
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first, above): nothing to save
+        print("farmer: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ PERMUTATIONS = ("alternate", "reverse")
 PRIORS = ("ar", "normal")
 PATCH_TRANSFORMS = ("none", "dct")
 REDUNDANT_MIXTURES = ("shared", "per_token")
-DEQUANTIZATIONS = ("gaussian", "uniform")
+DEQUANTIZATIONS = ("gaussian", "uniform", "variational")
 
 _TRUE_WORDS = ("true", "yes", "1")
 _FALSE_WORDS = ("false", "no", "0")
@@ -117,6 +118,27 @@ def check_dict(data: Any, what: str) -> dict[str, Any]:
     return data
 
 
+def defaulted_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """{field: default} of the fields of dataclass ``cls`` that ``data`` lacks: what loading it fills in."""
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.name not in data and f.default is not dataclasses.MISSING}
+
+
+def warn_defaulted_fields(cls: type, data: dict[str, Any], source: str, added_later: Iterable[str] = ()) -> None:
+    """A warning naming each field of ``cls`` that the stored ``data`` lacks and the default that fills it: a
+    config.json edited by hand must not change a model silently. Fields ``added_later`` than the file's format,
+    whose defaults reproduce the files written before them, are filled without one."""
+    filled = {name: value for name, value in defaulted_fields(cls, data).items() if name not in set(added_later)}
+    if filled:
+        names = ", ".join(f"{name}={value!r}" for name, value in filled.items())
+        warnings.warn(f"{source} lacks {cls.__name__} field(s) {names}: loaded with these defaults; if the model "
+                      "was trained with other values, write them into the file", stacklevel=3)
+
+
+# FarmerConfig fields added after checkpoint format 1, each defaulting to what models saved before it do (so a
+# config.json without it loads unchanged, with no warning). A new field belongs here only if that holds.
+FARMER_FIELDS_ADDED_LATER = ("logit_alpha",)
+
 # Fields of FarmerConfig that shape how a model is trained, not its weights: a fine-tune (--init-from) may change
 # them, e.g. to anneal the training noise from a lower start, or to turn a sampling model into a likelihood one.
 TRAINING_RECIPE = ("dequantization", "noise_std_start", "noise_std_end", "label_dropout")
@@ -133,7 +155,11 @@ class FarmerConfig:
     # "dct" = 2-D DCT-II of each patch per colour channel, lowest frequencies first, so the first d_I
     # channels hold a patch's coarse structure; "none" = raw (row, col, C) pixels, as in the paper.
     patch_transform: str = "none"
-    # Dequantisation used for training (docs/method.md §1); bits/dim is always evaluated with uniform noise.
+    # The logit pre-transform y = logit(α + (1 − 2α)(x + 1)/2) of every pixel before patchify, its log-det counted
+    # in the likelihood (docs/method.md §13); 0 = off (the paper's layout).
+    logit_alpha: float = 0.0
+    # Dequantisation used for training (docs/method.md §1): "gaussian", "uniform", or "variational" (a learned
+    # q(u | x) trained with the model, docs/method.md §14). Bits/dim is always evaluated with uniform noise too.
     dequantization: str = "gaussian"
     noise_std_start: float = 0.1
     noise_std_end: float = 0.005
@@ -200,6 +226,8 @@ class FarmerConfig:
                     errors.append(f"{key} {getattr(self, key)} must be a multiple of head_dim {self.head_dim}")
         if not 0.0 <= self.label_dropout < 1.0:
             errors.append(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0 <= self.logit_alpha < 0.5:
+            errors.append(f"logit_alpha must be in [0, 0.5) (0 = no logit pre-transform), got {self.logit_alpha}")
         if self.log_scale_bound <= 0 or self.min_mixture_scale <= 0:
             errors.append("log_scale_bound and min_mixture_scale must be > 0")
         if not 0 < self.noise_std_end <= self.noise_std_start:

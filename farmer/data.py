@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from farmer.images import to_8bit
 from farmer.io import write_atomic
+from farmer.shards import FLAT_SPLIT, PackedDataset, check_packed_size, is_packed, read_index
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "digits")
 
@@ -365,16 +368,24 @@ def _folder_split_dir(path: Path, split: str) -> Path:
         raise FileNotFoundError(f"image folder not found: {path}")
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory (expected an image folder with one subfolder per class)")
-    aliases = {"train": ("train",), "val": ("val", "test"), "test": ("test", "val")}
-    if split not in aliases:
+    chosen = pick_split({s for s in FOLDER_SPLITS if (path / s).is_dir()}, split, path)
+    return path if chosen is None else path / chosen  # a flat folder: make_dataset holds out its own test share
+
+
+FOLDER_SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": ("train",), "val": ("val", "test"), "test": ("test", "val")}
+
+
+def pick_split(available: set[str], split: str, where: Path) -> str | None:
+    """Which of the ``available`` split subfolders (or packed splits) serves ``split``; None if there are none."""
+    if split not in _SPLIT_ALIASES:
         raise ValueError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
-    split_dirs = {s for s in ("train", "val", "test") if (path / s).is_dir()}
-    if not split_dirs:  # a flat folder: make_dataset holds out its own test share
-        return path
-    for candidate in aliases[split]:
-        if candidate in split_dirs:
-            return path / candidate
-    raise ValueError(f"{path} has subfolders {sorted(split_dirs)} but none for split {split!r}")
+    if not available:
+        return None
+    for candidate in _SPLIT_ALIASES[split]:
+        if candidate in available:
+            return candidate
+    raise ValueError(f"{where} has splits {sorted(available)} but none for split {split!r}")
 
 
 def _class_dirs(directory: Path) -> list[Path]:
@@ -386,52 +397,94 @@ def _class_dirs(directory: Path) -> list[Path]:
     return classes
 
 
-class ImageFolderDataset(Dataset):
-    """Images in ``<dir>/<class>/*`` loaded lazily: RGB, centre square crop, bicubic resize to ``image_size``.
+def list_image_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Sorted class folder names and (image file, label) pairs in class then path order."""
+    class_dirs = _class_dirs(directory)
+    samples = [
+        (file, label)
+        for label, class_dir in enumerate(class_dirs)
+        for file in sorted(class_dir.rglob("*"), key=str)
+        if file.suffix.lower() in _IMAGE_EXTENSIONS and file.is_file()
+    ]
+    if not samples:
+        raise ValueError(
+            f"image folder {directory} has no images in its class subfolders "
+            f"(looked for {', '.join(sorted(_IMAGE_EXTENSIONS))})"
+        )
+    empty = sorted(set(range(len(class_dirs))) - {label for _, label in samples})
+    if empty:  # still classes (labels follow the sorted folder names), but a model never sees them
+        warnings.warn(f"image folder {directory}: class folder(s) {', '.join(class_dirs[i].name for i in empty)} "
+                      f"hold no images (looked for {', '.join(sorted(_IMAGE_EXTENSIONS))})", stacklevel=2)
+    return [d.name for d in class_dirs], samples
 
-    Labels index the sorted class folder names (``classes``).
+
+# Transparent pixels are composited onto white (ADM's plain convert("RGB") would keep whatever colour
+# the transparent pixels happen to store, often black).
+_ALPHA_BACKGROUND = 255
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grey (16-bit scaled, not clipped), palette, CMYK (Pillow's conversion) or RGB as 8-bit RGB; images with
+    alpha composited onto white (:func:`farmer.images.to_8bit`)."""
+    return to_8bit(image, "RGB", _ALPHA_BACKGROUND)
+
+
+def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 (size, size, C): the centre crop of guided-diffusion's ``center_crop_arr`` (ADM), which the FID
+    reference batches were made with: BOX-halve while the short side is >= 2·size, bicubic-resize so the
+    short side is ``size``, then crop the centre square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+def load_rgb_crop(path: Path, size: int) -> np.ndarray:
+    """An image file as uint8 (size, size, 3): RGB (:func:`to_rgb`), ADM centre crop; ValueError names the file."""
+    try:
+        with Image.open(path) as image:
+            return adm_center_crop(to_rgb(image), size)
+    except (OSError, SyntaxError) as err:  # UnidentifiedImageError, truncated files; SyntaxError: bad PNG chunks
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+class ImageFolderDataset(Dataset):
+    """Images in ``<dir>/<class>/*`` decoded lazily by :func:`load_rgb_crop` to ``image_size``.
+
+    Labels index the sorted class folder names (``classes``). ``farmer data pack`` stores the same images
+    decoded once (farmer/packing.py, farmer/shards.py), which is what multi-GPU training should read.
     """
 
     def __init__(self, directory: Path | str, image_size: int) -> None:
         if not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        directory = Path(directory)
-        class_dirs = _class_dirs(directory)
-        self.directory = directory
+        self.directory = Path(directory)
         self.image_size = image_size
-        self.classes = [d.name for d in class_dirs]
-        self.samples: list[tuple[Path, int]] = [
-            (file, label)
-            for label, class_dir in enumerate(class_dirs)
-            for file in sorted(class_dir.rglob("*"), key=str)
-            if file.suffix.lower() in _IMAGE_EXTENSIONS and file.is_file()
-        ]
-        if not self.samples:
-            raise ValueError(
-                f"image folder {directory} has no images in its class subfolders "
-                f"(looked for {', '.join(sorted(_IMAGE_EXTENSIONS))})"
-            )
+        self.classes, self.samples = list_image_folder(self.directory)
+        self.unreadable: set[Path] = set()  # files __getitem__ could not decode (in this process)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.samples[index]
-        size = self.image_size
-        try:
-            with Image.open(path) as img:
-                img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers `size`
-                img = img.convert("RGB")
-                w, h = img.size
-                side = min(w, h)
-                left, top = (w - side) // 2, (h - side) // 2
-                # Crop first: resize(box=...) would let bicubic taps read pixels outside the square.
-                img = img.crop((left, top, left + side, top + side))
-                img = img.resize((size, size), Image.Resampling.BICUBIC)
-                array = np.asarray(img, dtype=np.uint8)
-        except OSError as err:  # PIL.UnidentifiedImageError and truncated files are OSErrors
-            raise ValueError(f"cannot read image {path}: {err}") from err
-        return torch.from_numpy(array.transpose(2, 0, 1).copy()), label
+        # An unreadable file (corrupt, truncated) is skipped for the next readable one, with a warning naming it
+        # and counting them: a failure at the same step of every resume would stop the run for good.
+        failure: ValueError | None = None
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                array = load_rgb_crop(path, self.image_size)
+            except ValueError as err:
+                self.unreadable.add(path)
+                failure = err
+                warnings.warn(f"{err}; skipped for the next image ({len(self.unreadable)} unreadable so far in "
+                              f"{self.directory}; `farmer data pack` lists them all up front)", stacklevel=2)
+                continue
+            return torch.from_numpy(array.transpose(2, 0, 1).copy()), label
+        raise ValueError(f"no image in {self.directory} is readable, e.g. {failure}")
 
 
 def _check_named_size(name: str, image_size: int | None) -> DatasetInfo:
@@ -455,7 +508,7 @@ def _folder_path(name_or_path: str) -> Path:
     return path
 
 
-def _holdout_split(dataset: ImageFolderDataset, split: str, val_fraction: float) -> Subset:
+def _holdout_split(dataset: ImageFolderDataset | PackedDataset, split: str, val_fraction: float) -> Subset:
     """A flat folder's ``split``: a fixed-seed shuffle holds out ceil(val_fraction·n) images as val/test."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"{dataset.directory} has no train/val subfolders, so a val_fraction in (0, 1) holds "
@@ -469,10 +522,15 @@ def _holdout_split(dataset: ImageFolderDataset, split: str, val_fraction: float)
 
 
 def dataset_info(name_or_path: str, image_size: int | None = None) -> DatasetInfo:
-    """Channels, size and class count of a named set or an image folder (which needs ``image_size``)."""
+    """Channels, size and class count of a named set, a packed folder (``farmer data pack``) or an image
+    folder (which needs ``image_size``)."""
     if name_or_path in DATASET_NAMES:
         return _check_named_size(name_or_path, image_size)
     path = _folder_path(name_or_path)
+    if is_packed(path):
+        index = read_index(path)
+        check_packed_size(path, index, image_size)
+        return DatasetInfo(str(path), 3, index["image_size"], len(index["classes"]))
     if image_size is None:
         raise ValueError(f"image folder {path} needs an explicit image_size")
     if image_size <= 0:
@@ -487,14 +545,22 @@ def make_dataset(
     name_or_path: str, split: str = "train", root: Path | str | None = None, image_size: int | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> Dataset:
-    """A dataset of (uint8 tensor (C, H, W), int label): an in-memory named set or a lazy image folder.
+    """A dataset of (uint8 tensor (C, H, W), int label): an in-memory named set, a packed folder's memory-mapped
+    shards, or a lazy image folder.
 
-    ``val_fraction`` is the share held out as val/test of an image folder without split subfolders.
+    ``val_fraction`` is the share held out as val/test of an image folder (or of a packed one) without
+    split subfolders.
     """
     if name_or_path in DATASET_NAMES:
         _check_named_size(name_or_path, image_size)
         return ArrayDataset(*load_arrays(name_or_path, split, root))
     path = _folder_path(name_or_path)
+    if is_packed(path):
+        index = read_index(path)
+        check_packed_size(path, index, image_size)
+        chosen = pick_split(set(index["splits"]) - {FLAT_SPLIT}, split, path)
+        packed = PackedDataset(path, chosen or FLAT_SPLIT, index)
+        return packed if chosen else _holdout_split(packed, split, val_fraction)
     if image_size is None:
         raise ValueError(f"image folder {path} needs an explicit image_size")
     directory = _folder_split_dir(path, split)
@@ -535,7 +601,7 @@ def model_to_pixels(x: Tensor) -> Tensor:
     return torch.floor((x + 1.0) * 128.0).clamp_(0, 255).to(torch.uint8)
 
 
-DEQUANTIZE_MODES = ("uniform", "gaussian", "none")
+DEQUANTIZE_MODES = ("uniform", "gaussian", "variational", "none")
 
 
 def dequantize(
@@ -544,8 +610,9 @@ def dequantize(
     """uint8 pixels -> float32 model input (docs/method.md §1).
 
     ``uniform``: (k + U[0,1))/128 - 1, the TARFlow protocol under which bits/dim bounds the discrete data.
-    ``gaussian``: bin centre + ``noise_std`` * N(0, 1) (generation models). ``none``: bin centre.
-    ``noise_std`` is used only by ``gaussian``.
+    ``gaussian``: bin centre + ``noise_std`` * N(0, 1) (generation models). ``none`` and ``variational``: the bin
+    centre (a variational model draws its own offsets, farmer.dequantization). ``noise_std`` is used only by
+    ``gaussian``.
     """
     _check_uint8(pixels)
     if mode not in DEQUANTIZE_MODES:

@@ -61,7 +61,7 @@ class DistillationLoss(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return distillation_loss(self.model.student, self.model.flow, self.model.patchify(x))
+        return distillation_loss(self.model.student, self.model.flow, self.model.to_tokens(x)[0])
 
 
 @dataclass(frozen=True)

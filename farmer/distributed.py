@@ -1,5 +1,6 @@
-"""Data-parallel training under ``torchrun``: the process group, DDP or FSDP wrapping, and gathering what a
-checkpoint stores (full weights, full optimizer state, every rank's RNG state) from sharded modules.
+"""Data-parallel training under ``torchrun``: the process group, DDP or FSDP wrapping, and what a checkpoint
+stores: full weights and optimizer state gathered from sharded modules, or each rank's own shards (a sharded
+checkpoint, :func:`farmer.checkpoint.save_sharded_checkpoint`), and every rank's RNG state.
 
 One process without ``torchrun`` is the same code with ``world == 1``: every function here is then a no-op
 or the plain single-process equivalent.
@@ -109,6 +110,31 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def sharded_state(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's shards of the model, EMA and optimizer state (DTensors under FSDP, optimizer state keyed by
+    parameter name), as ``torch.distributed.checkpoint`` saves and loads them in place."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+            "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def load_sharded_into(state: dict[str, Any], model: nn.Module, ema: nn.Module,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """Load what :func:`sharded_state` returned (after ``torch.distributed.checkpoint`` filled it) back into the
+    modules and the optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, state["model"])
+    set_model_state_dict(ema, state["ema"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def local_shards(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The part of each (possibly DTensor) tensor in ``state`` that this rank holds."""
+    return {k: v.to_local() if hasattr(v, "to_local") else v for k, v in state.items() if isinstance(v, Tensor)}
 
 
 def gather_objects(value: Any, rt: Runtime) -> list[Any]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from farmer.data import dequantize, make_dataset, model_to_pixels, pixels_to_model
+from farmer.dequantization import VariationalDequantizer
 from farmer.images import png_bits_per_dim
 from farmer.metrics import BIN_WIDTH_BITS, auroc, bits_per_dim
 from farmer.model import Farmer, LikelihoodTerms
@@ -35,32 +36,53 @@ def _first(dataset: Dataset, n: int | None, batch_size: int, seed: int) -> DataL
 
 
 def dequantized_log_prob(log_prob: Callable[[Tensor], Tensor], pixels: Tensor, samples: int = 1,
-                         generator: torch.Generator | None = None) -> Tensor:
-    """log (1/K) Σ_k p(x + u_k) per image (nats) from K = ``samples`` uniform dequantisations of uint8 ``pixels``,
-    ``log_prob`` mapping model inputs to per-image log densities. K = 1 is the usual dequantisation bound; K > 1
-    is the importance-weighted bound with the uniform proposal (docs/method.md §5): still a lower bound on the
-    discrete log-likelihood, tighter as K grows, exact in the limit."""
+                         generator: torch.Generator | None = None,
+                         dequantizer: VariationalDequantizer | None = None) -> Tensor:
+    """log (1/K) Σ_k p(x_k)/q(x_k) per image (nats) from K = ``samples`` dequantisations x_k ~ q of uint8 ``pixels``,
+    ``log_prob`` mapping model inputs (on the dequantizer's device) to per-image log densities; q is uniform over
+    each pixel's bin, or a learned ``dequantizer`` (docs/method.md §14). K = 1 is the usual dequantisation bound;
+    K > 1 the importance-weighted bound (docs/method.md §5): still a lower bound on the discrete log-likelihood,
+    tighter as K grows, exact in the limit."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    draws = torch.stack([log_prob(dequantize(pixels, "uniform", generator=generator)) for _ in range(samples)])
+
+    def draw() -> Tensor:
+        if dequantizer is None:
+            return log_prob(dequantize(pixels, "uniform", generator=generator))
+        weight = next(dequantizer.parameters())
+        centres = pixels_to_model(pixels).to(weight.device, weight.dtype)
+        x, log_q = dequantizer(centres, generator)
+        return log_prob(x) - log_q
+
+    draws = torch.stack([draw() for _ in range(samples)])
     return torch.logsumexp(draws, dim=0) - math.log(samples)  # K = 1: the one draw, exactly
+
+
+BOUNDS = ("uniform", "variational")
 
 
 @torch.no_grad()
 def evaluate_bpd(model: Farmer, dataset: Dataset, batch_size: int = 256, max_images: int | None = None,
-                 seed: int = 0, progress: bool = False, importance_samples: int = 1) -> float:
-    """Test bits/dim with uniform U(0, 1/128) dequantisation (docs/method.md §5), labels included when the model
-    is conditional; ``importance_samples`` > 1 reports the tighter importance-weighted bound
+                 seed: int = 0, progress: bool = False, importance_samples: int = 1,
+                 bound: Literal["uniform", "variational"] = "uniform") -> float:
+    """Test bits/dim (docs/method.md §5), labels included when the model is conditional: the bound with uniform
+    U(0, 1/128) dequantisation, or with ``bound="variational"`` the one with the model's learned dequantisation
+    (docs/method.md §14); ``importance_samples`` > 1 reports the tighter importance-weighted bound
     (:func:`dequantized_log_prob`). A fixed-seed generator keeps the number reproducible."""
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
+    if bound == "variational" and model.dequantizer is None:
+        raise ValueError("bound 'variational' needs a model trained with dequantization=variational")
     model.eval()
     total, count = 0.0, 0
     generator = torch.Generator().manual_seed(seed)
+    dequantizer = model.dequantizer if bound == "variational" else None
     for pixels, labels in tqdm(_first(dataset, max_images, batch_size, seed), desc="bits/dim",
                                disable=not progress, leave=False):
         y = labels.to(model.device) if model.config.conditional else None
         log_p = dequantized_log_prob(lambda x, y=y: model.log_prob(x.to(model.device), y), pixels,
-                                     importance_samples, generator)
-        total += bits_per_dim(-log_p, model.config.num_dims).sum().item()
+                                     importance_samples, generator, dequantizer)
+        total += bits_per_dim(-log_p.cpu(), model.config.num_dims).sum().item()
         count += pixels.shape[0]
     return total / count
 
@@ -207,18 +229,24 @@ def generate(model: Farmer, n: int, labels: Tensor | None, options: SamplingOpti
     """Samples as uint8 pixels (count, C, H, W) on the CPU: all n, or with ``shard=(rank, world)`` only that
     rank's batches (:func:`batch_ranges`). Every batch has its own generator (:func:`batch_generator`), so the
     set does not depend on the sharding."""
+    out = list(generate_batches(model, n, labels, options, progress, shard))
+    cfg = model.config
+    return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size, dtype=torch.uint8)
+
+
+def generate_batches(model: Farmer, n: int, labels: Tensor | None, options: SamplingOptions = DEFAULT_SAMPLING,
+                     progress: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
+    """:func:`generate`'s samples one uint8 CPU batch at a time, for sets too large to hold (a writer streams
+    them to disk, :func:`farmer.images.stream_npz_images`)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     device = model.device
     batches = batch_ranges(n, options.batch_size, shard)
-    out = []
     with tqdm(total=sum(count for *_, count in batches), desc="sampling", unit="img", disable=not progress) as bar:
         for b, lo, count in batches:
             y = None if labels is None else labels[lo:lo + count].to(device)
-            out.append(model_to_pixels(options.sample(model, count, y, batch_generator(options.seed, b, device))).cpu())
+            yield model_to_pixels(options.sample(model, count, y, batch_generator(options.seed, b, device))).cpu()
             bar.update(count)
-    cfg = model.config
-    return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size, dtype=torch.uint8)
 
 
 @torch.no_grad()

@@ -10,9 +10,11 @@ so the forward pass is one parallel causal pass and the inverse runs token by to
 With ``channel_mixing`` each block first mixes every token's channels by a learned invertible matrix
 (:class:`farmer.channels.ChannelMixing`), which the AF alone never does.
 
-Precision: the flow runs in fp32 (or the model's dtype if wider) even under bf16 autocast — trunk, affine
-maps and log-dets — so training optimises exactly the function that sampling inverts; the inverse runs
-in the same precision. Only the AR prior's trunk uses bf16 on accelerators.
+Precision (farmer.precision, docs/method.md §12): under bf16 autocast only the blocks' transformer trunks run in
+bf16; the input projection, the affine head, the affine maps and the log-dets stay (at least) fp32. The inverse,
+exact or Jacobi, runs under the same policy as the forward. bf16 rounding depends on the matmul shapes, so under
+bf16 the parallel forward and the token-by-token inverse are not the same function to fp32 accuracy; without
+autocast (precision "fp32", the exact policy) they are.
 
 Bound: log σ = c·tanh(a/c) keeps every scale in [e^{-c}, e^{c}], so one block's inverse grows a value by
 at most e^c times plus |μ|; n blocks compound to e^{n·c}, which overflows fp32 (e^88.7) for the large
@@ -29,6 +31,14 @@ from torch import Tensor, nn
 from farmer.channels import ChannelMixing
 from farmer.config import FarmerConfig
 from farmer.nn import KVCache, Transformer, transposed_weights
+from farmer.precision import full_precision
+
+# Jacobi stopping (docs/method.md §7): a sweep's largest change relative to the values' scale. fp32 rounding
+# leaves a floor of a few ulps of max|x| times the trunk's amplification (measured: 1–3e-5 at |x| ≈ 43 on the
+# TARFlow-sized flow, ~2e-7·|x| on the shipped mnist flow), which RTOL clears; a change that stops shrinking
+# below STALL_RTOL · max|x| is that floor too.
+JACOBI_RTOL = 1e-6
+JACOBI_STALL_RTOL = 1e-4
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
@@ -63,14 +73,15 @@ class FlowBlock(nn.Module):
         [e^{-c}, e^{c}] (see the module docstring for what that bounds over n blocks).
         """
         start = 0 if cache is None else cache.length
-        # The whole block in (at least) fp32, trunk included, even under autocast: bf16 rounding depends on
-        # the matmul shapes, so a bf16 parallel forward and the token-by-token inverse would be different
-        # functions (measured: round trip off by 0.06, log-det by 0.17 nats on `tiny`). The AR prior's trunk
-        # may still run in bf16; its mixture heads are fp32 (farmer.mixture).
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = at_least_fp32(x)
-            h = self.proj_in(x) + self.pos[start:start + x.shape[1]]
-            out = self.proj_out(self.transformer(h, causal=self.causal, cache=cache))
+        device = x.device.type
+        # The precision policy (farmer.precision, docs/method.md §12): only the trunk follows autocast. The input
+        # projection reads the raw tokens, and the head's μ and log σ set the likelihood directly: both (at least)
+        # fp32, as are the affine maps and log-dets that use them.
+        with full_precision(device):
+            h = self.proj_in(at_least_fp32(x)) + self.pos[start:start + x.shape[1]]
+        h = self.transformer(h, causal=self.causal, cache=cache)
+        with full_precision(device):
+            out = self.proj_out(at_least_fp32(h))
         return self._bounded(out)
 
     def _bounded(self, out: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,39 +128,48 @@ class FlowBlock(nn.Module):
         cache.length = 0
         decoder = self.transformer.decoder(self.proj_in, self.pos)
         out_weight, out_bias = transposed_weights(self.proj_out)
-        # affine_params one token at a time, through the Decoder's lean step; fp32 as there.
-        with torch.autocast(device_type=y.device.type, enabled=False):
-            for i in range(1, y.shape[1]):
-                h = decoder.embed_step(x[:, i - 1], i - 1, cache)
-                mu, log_scale = self._bounded(torch.addmm(out_bias, h, out_weight))
+        device = y.device.type
+        # affine_params one token at a time through the Decoder's lean step, under the same precision policy.
+        for i in range(1, y.shape[1]):
+            with full_precision(device):
+                h = decoder.embed(x[:, i - 1], i - 1)
+            h = decoder.step(h, cache)
+            with full_precision(device):
+                mu, log_scale = self._bounded(torch.addmm(out_bias, at_least_fp32(h), out_weight))
                 x[:, i] = torch.addcmul(mu, y[:, i], log_scale.neg_().exp_())
         return self.unmix(self.permute(x))
 
-    def jacobi_inverse(self, z: Tensor, cache: KVCache, group_size: int, tol: float) -> tuple[Tensor, int]:
+    def jacobi_inverse(self, z: Tensor, cache: KVCache, group_size: int, tol: float,
+                       rtol: float = JACOBI_RTOL) -> tuple[Tensor, int]:
         """Z^t -> Z^{t-1} by Gauss–Seidel–Jacobi iteration (docs/method.md §7): groups of ``group_size``
         tokens in order; within a group every token is updated in parallel from the current guess,
 
             x_i <- y_i ⊘ σ(x_{<i}) + μ(x_{<i}),
 
-        until the largest change is below ``tol``. The exact inverse is the fixed point: with the tokens
-        before a group exact, k sweeps make its first k tokens exact, so a group of g tokens needs at most g
-        sweeps (group_size 1 is the sequential inverse, group_size N plain Jacobi). Finished groups stay in
-        the cache. Returns (Z^{t-1}, sweeps run).
+        until the largest change is at most ``tol + rtol · max|x|`` over the group, or stops shrinking while
+        already below :data:`JACOBI_STALL_RTOL` · max|x| (the fp32 noise floor, which an absolute tolerance
+        alone never meets once |x| is large). The exact inverse is the fixed point: with the tokens before a
+        group exact, k sweeps make its first k tokens exact, so a group of g tokens needs at most g sweeps
+        (group_size 1 is the sequential inverse, group_size N plain Jacobi). Finished groups stay in the cache.
+        Returns (Z^{t-1}, sweeps run).
         """
         y = self.permute(at_least_fp32(z))
         x = y.clone()  # the initial guess; token 1 is exact already (μ = 0, σ = 1)
         sweeps = 0
         for start in range(1, y.shape[1], group_size):
             end = min(start + group_size, y.shape[1])
+            previous = float("inf")
             for _ in range(end - start):
                 cache.length = start - 1  # rewrite this group's keys from the current guess
                 mu, log_scale = self.affine_params(x[:, start - 1:end - 1], cache)
                 update = y[:, start:end] * torch.exp(-log_scale) + mu
-                change = (update - x[:, start:end]).abs().max()
+                # One device sync per sweep for both maxima.
+                change, scale = torch.stack([(update - x[:, start:end]).abs().max(), update.abs().max()]).tolist()
                 x[:, start:end] = update
                 sweeps += 1
-                if change <= tol:
+                if change <= tol + rtol * scale or previous <= change <= JACOBI_STALL_RTOL * scale:
                     break
+                previous = change
         return self.unmix(self.permute(x)), sweeps
 
     def parallel_inverse(self, z: Tensor) -> Tensor:
@@ -222,25 +242,40 @@ class AutoregressiveFlow(nn.Module):
 
     @torch.no_grad()
     def jacobi_inverse(self, z: Tensor, group_size: int | None = None, tol: float = 1e-5,
-                       cache: KVCache | None = None) -> tuple[Tensor, list[int]]:
+                       cache: KVCache | None = None, rtol: float = JACOBI_RTOL) -> tuple[Tensor, list[int]]:
         """Z^n -> Z^0 with :meth:`FlowBlock.jacobi_inverse` in every block (None: one group of all tokens).
 
         Returns Z^0 and the sweeps each block ran, in flow order (block 1 first). Equal to
-        :meth:`inverse` up to ``tol``-sized differences; faster where a parallel pass over a group costs
-        little more than one token step (batch 1, wide hardware).
+        :meth:`inverse` up to differences of about ``tol + rtol · max|x|`` per block; faster where a parallel
+        pass over a group costs little more than one token step (see :func:`choose_inverse`).
         """
         num_tokens = z.shape[1]
         group_size = num_tokens if group_size is None else group_size
-        if group_size < 1 or not tol > 0:
-            raise ValueError(f"group_size must be >= 1 and tol > 0, got {group_size} and {tol}")
+        if group_size < 1 or not tol > 0 or not rtol >= 0:
+            raise ValueError(f"group_size must be >= 1, tol > 0 and rtol >= 0, got {group_size}, {tol} and {rtol}")
         z = at_least_fp32(z)
         if cache is None:
             cache = self.allocate_cache(z.shape[0], z.device, self.blocks[0].pos.dtype)
         sweeps = [0] * len(self.blocks)
         for index in reversed(range(len(self.blocks))):
-            z, sweeps[index] = self.blocks[index].jacobi_inverse(z, cache, group_size, tol)
+            z, sweeps[index] = self.blocks[index].jacobi_inverse(z, cache, group_size, tol, rtol)
             check_finite(z, f"flow block {index + 1} of {len(self.blocks)} (Jacobi inverse)")
         return z, sweeps
+
+
+# The largest batch at which the Jacobi inverse beats the sequential one (docs/method.md §7). Jacobi runs ~5–11
+# parallel sweeps over all N tokens per block where the exact inverse runs N − 1 one-token steps, so it wins where a
+# step costs its launch overhead, not its arithmetic. CPU, one thread, measured (exact / Jacobi time): the mnist
+# flow 2.42× at batch 1, 1.68× at 2, 1.18× at 4, 0.81× at 8; the TARFlow-sized flow (4 × 4 layers) 1.25×, 1.09×,
+# 0.76×. Accelerators: not measured yet (a GPU's token step is launch-bound until B·N rows fill it); a guess.
+JACOBI_MAX_BATCH = {"cpu": 2}
+JACOBI_MAX_BATCH_ACCELERATOR = 64
+
+
+def auto_inverse(batch: int, device: torch.device) -> str:
+    """The faster exact-to-fp32 inverse for ``batch`` images on ``device``: "jacobi" or "exact" (``inverse="auto"``)."""
+    limit = JACOBI_MAX_BATCH.get(device.type, JACOBI_MAX_BATCH_ACCELERATOR)
+    return "jacobi" if batch <= limit else "exact"
 
 
 def check_finite(z: Tensor, where: str) -> None:

@@ -2,8 +2,8 @@
 
     p(z | h) = Σ_k π_k(h) N(z; μ_k(h), diag σ_k(h)²),    π = softmax(logits)
 
-One joint mixture over the whole token vector (not channel by channel). All arithmetic is fp32 and the
-log-density is a log-sum-exp over components, so it stays finite far from every component.
+One joint mixture over the whole token vector (not channel by channel). All arithmetic is at least fp32 and
+the log-density is a log-sum-exp over components, so it stays finite far from every component.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LOG_2PI = math.log(2 * math.pi)
-# Upper bound on the (…, K, D) intermediate of one log_prob chunk: a large candidate pool (guidance of the
-# shared redundant mixture, docs/method.md §6) would otherwise materialise pool × batch × K × D floats at once.
-_LOG_PROB_CHUNK_ELEMENTS = 1 << 25
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -62,6 +59,28 @@ def _broadcast(a: torch.Size, b: torch.Size) -> torch.Size | None:
     return torch.Size(out)
 
 
+def _squared_distances(z: Tensor, means: Tensor, scales: Tensor) -> Tensor:
+    """Σ_d ((z_d − μ_kd) / σ_kd)² (…, K) of values z (…, D) from components (*batch, K, D), z's leading dims
+    broadcast against *batch, without the (…, K, D) tensor of differences (docs/method.md §4).
+
+    Expanded as Σ z²/σ² − 2 Σ z·μ/σ² + Σ μ²/σ²: the first two terms are einsums over d, in which z's extra
+    dims (e.g. the N tokens that share one redundant mixture) are matmul rows, never copies of the parameters.
+    The terms are each about Σ (|z|² + |μ|²)/σ², up to 1e6 · D at the scale floor 1e-3, while their sum is
+    about D where z is near μ: fp32 would lose the whole result to rounding there, so they are formed in fp64
+    (values and parameters of fp32 are exact in fp64) and only the sum is rounded to the parameters' dtype.
+    """
+    # Apple's MPS has no fp64: there the expansion runs in fp32, accurate only away from the scale floor.
+    wide = torch.float32 if z.device.type == "mps" else torch.float64
+    inverse_variances = scales.to(wide).pow(-2)
+    means = means.to(wide)
+    z = z.to(wide)
+    weighted_means = means * inverse_variances
+    squares = (torch.einsum("...d,...kd->...k", z.square(), inverse_variances)
+               - 2 * torch.einsum("...d,...kd->...k", z, weighted_means)
+               + (weighted_means * means).sum(dim=-1))
+    return squares.to(scales.dtype)
+
+
 def pick_components(logits: Tensor, gumbel: Tensor) -> Tensor:
     """Component indices argmax(logits + gumbel) over the last dim: distributed as softmax(logits)."""
     return (logits + gumbel).argmax(dim=-1)
@@ -72,8 +91,9 @@ class DiagonalMixture:
     """A batch of K-component diagonal Gaussian mixtures over D dims.
 
     logits (*batch, K) are unnormalised log mixture weights; means and scales (standard deviations, > 0)
-    are (*batch, K, D). Floating inputs are stored as fp32. Values are not checked (that would force a
-    device sync per AR step); :class:`MixtureHead` guarantees scales >= its floor.
+    are (*batch, K, D). Floating inputs are stored as fp32, or all as fp64 where one of them is fp64. Values
+    are not checked (that would force a device sync per AR step); :class:`MixtureHead` guarantees scales >= its
+    floor.
     """
 
     logits: Tensor
@@ -81,13 +101,16 @@ class DiagonalMixture:
     scales: Tensor
 
     def __post_init__(self) -> None:
-        for name in ("logits", "means", "scales"):
+        names = ("logits", "means", "scales")
+        for name in names:
             t = getattr(self, name)
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-            object.__setattr__(self, name, t.float())
+        dtype = torch.float64 if any(getattr(self, name).dtype == torch.float64 for name in names) else torch.float32
+        for name in names:
+            object.__setattr__(self, name, getattr(self, name).to(dtype))
         if self.logits.ndim < 1:
             raise ValueError("logits must have shape (*batch, K), got a scalar")
         if self.means.shape != self.scales.shape:
@@ -104,7 +127,7 @@ class DiagonalMixture:
 
     @classmethod
     def _derived(cls, logits: Tensor, means: Tensor, scales: Tensor) -> DiagonalMixture:
-        """A mixture whose parameters come from a checked one (or a :class:`MixtureHead`) by fp32 arithmetic,
+        """A mixture whose parameters come from a checked one (or a :class:`MixtureHead`) by arithmetic,
         slicing or broadcasting, so they pass the checks by construction: skips ``__post_init__``, which costs
         more than the arithmetic when guidance builds several mixtures per token."""
         mix = object.__new__(cls)
@@ -126,26 +149,25 @@ class DiagonalMixture:
 
     # Density -----------------------------------------------------------------------------------------
     def log_prob(self, z: Tensor) -> Tensor:
-        """log p(z) in nats (fp32). z (..., D) broadcasts against batch_shape (right-aligned, as in NumPy),
-        so extra leading dims are sample dims: z (S, *batch, D) -> (S, *batch)."""
+        """log p(z) in nats, in the parameters' dtype (fp32, or fp64). z (..., D) broadcasts against batch_shape
+        (right-aligned, as in NumPy), so extra leading dims are sample dims: z (S, *batch, D) -> (S, *batch)."""
         if z.ndim < 1 or z.shape[-1] != self.dim:
             raise ValueError(f"z must end with D={self.dim} channels, got shape {tuple(z.shape)}")
         out_shape = _broadcast(z.shape[:-1], self.batch_shape)
         if out_shape is None:
             raise ValueError(f"z {tuple(z.shape)} does not broadcast against batch shape {tuple(self.batch_shape)}")
-        z = z.float()
+        z = z.to(self.means.dtype)
         # Per-component constant: log π_k − Σ_d log σ_kd − D/2 log 2π.
         offset = F.log_softmax(self.logits, dim=-1) - self.scales.log().sum(dim=-1) - 0.5 * self.dim * LOG_2PI
-        elements = math.prod(out_shape) * self.num_components * self.dim
-        has_sample_dim = z.ndim - 1 > len(self.batch_shape)
-        if not has_sample_dim or elements <= _LOG_PROB_CHUNK_ELEMENTS:
-            return self._log_prob(z, offset)
-        rows = max(1, z.shape[0] * _LOG_PROB_CHUNK_ELEMENTS // elements)
-        return torch.cat([self._log_prob(part, offset) for part in z.split(rows, dim=0)])
-
-    def _log_prob(self, z: Tensor, offset: Tensor) -> Tensor:
-        sq = ((z.unsqueeze(-2) - self.means) / self.scales).square().sum(dim=-1)  # (..., K)
-        return log_sum_exp(offset - 0.5 * sq)
+        if out_shape == self.batch_shape:
+            # One value per mixture (the per-token mixtures): the differences are no larger than the means
+            # themselves, and exact in the parameters' dtype.
+            squares = ((z.unsqueeze(-2) - self.means) / self.scales).square().sum(dim=-1)
+        else:
+            # Values broadcast over a mixture (the shared redundant one, a candidate pool): the differences
+            # would be |values| / |mixtures| times larger than the parameters (docs/method.md §4).
+            squares = _squared_distances(z, self.means, self.scales)
+        return log_sum_exp(offset - 0.5 * squares)
 
     # Sampling ----------------------------------------------------------------------------------------
     def sample(self, sample_shape: tuple[int, ...] = (), generator: torch.Generator | None = None) -> Tensor:

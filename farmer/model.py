@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -15,8 +17,11 @@ from torch import Tensor, nn
 
 from farmer.channels import dct_basis
 from farmer.config import FarmerConfig
-from farmer.flow import AutoregressiveFlow, DistilledInverse
+from farmer.dequantization import VariationalDequantizer
+from farmer.flow import AutoregressiveFlow, DistilledInverse, auto_inverse
 from farmer.guidance import Guidance
+from farmer.hub import push_directory
+from farmer.nn import Transformer
 from farmer.pretrained import (
     checkpoint_directory,
     load_state_into,
@@ -25,13 +30,14 @@ from farmer.pretrained import (
     weights_file,
     write_pretrained,
 )
+from farmer.pretransform import logit_forward, logit_inverse
 from farmer.prior import ARPrior, StandardNormalPrior
 
 
 class LikelihoodTerms(NamedTuple):
     """log p(x) split per patch (each (B, N), nats, row-major patch order): the AR prior's factor of the
     informative channels, its factor of the redundant channels, and the flow's log-det attributed to the patch
-    (:meth:`farmer.flow.AutoregressiveFlow.forward_tokens`)."""
+    (:meth:`farmer.flow.AutoregressiveFlow.forward_tokens`) with the logit pre-transform's of its pixels, if any."""
 
     informative: Tensor
     redundant: Tensor
@@ -50,6 +56,8 @@ class Farmer(nn.Module):
         self.prior = ARPrior(config) if config.prior == "ar" else StandardNormalPrior(config)
         # The one-step student of docs/method.md §7 lives with the model so one checkpoint samples either way.
         self.student = DistilledInverse(config) if config.distilled_inverse else None
+        # Learned dequantisation q(u | x) (docs/method.md §14), trained with the model; only the loss uses it.
+        self.dequantizer = VariationalDequantizer(config) if config.dequantization == "variational" else None
         # Fixed orthonormal patch transform (log-det 0); a function of the config, so not saved with weights.
         basis = dct_basis(config.patch_size, config.channels) if config.patch_transform == "dct" else None
         self.register_buffer("patch_basis", None if basis is None else basis.float(), persistent=False)
@@ -68,10 +76,24 @@ class Farmer(nn.Module):
         load_state_into(model, load_weights(file), file)
         return model.to(map_location).eval()
 
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None,
+                        id2label: Sequence[str] | None = None) -> Path:
         """Write this model as ``directory/config.json`` + ``directory/model.safetensors`` (the Hub layout),
-        the weights in ``dtype`` when given (e.g. torch.float16, as the shipped models are stored)."""
-        return write_pretrained(directory, self.config, self.state_dict(), dtype)
+        the weights in ``dtype`` when given (e.g. torch.float16, as the shipped models are stored), and the
+        class names ``id2label`` (in class order) in config.json when given."""
+        return write_pretrained(directory, self.config, self.state_dict(), dtype,
+                                None if id2label is None else list(id2label))
+
+    def push_to_hub(self, repo_id: str, *, id2label: Sequence[str] | None = None, dtype: torch.dtype | None = None,
+                    token: str | None = None, private: bool = False, revision: str | None = None,
+                    commit_message: str = "Upload FARMER model") -> str:
+        """:meth:`save_pretrained` to the Hugging Face Hub repository ``repo_id`` (created if missing; needs the
+        ``hub`` extra), with a generated README.md model card; returns the commit's URL. To share a trained
+        checkpoint with its steps and metrics.json, use :func:`farmer.hub.push_directory` on its directory."""
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory, dtype, id2label)
+            return push_directory(directory, repo_id, token=token, private=private, revision=revision,
+                                  commit_message=commit_message)
 
     @property
     def device(self) -> torch.device:
@@ -87,19 +109,44 @@ class Farmer(nn.Module):
         self.config = self.config.replace(distilled_inverse=True)
         return self
 
+    def set_activation_checkpointing(self, enabled: bool) -> Farmer:
+        """Recompute every transformer layer (flow blocks, AR prior, student) in the backward pass instead of
+        holding its activations (:class:`farmer.nn.Transformer`): a training switch, not part of the config."""
+        for module in self.modules():
+            if isinstance(module, Transformer):
+                module.activation_checkpointing = enabled
+        return self
+
 
     # Pixels <-> tokens -------------------------------------------------------------------------------
+    def to_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images (B, C, H, W) -> (Z^0 (B, N, d), log|det ∂Z^0/∂x| of each patch (B, N)): the logit pre-transform
+        when the config has one (docs/method.md §13), then :meth:`patchify` (orthonormal: log-det 0)."""
+        if not self.config.logit_alpha:
+            return self.patchify(x), x.new_zeros(x.shape[0], self.config.num_tokens)
+        y, logdet = logit_forward(x, self.config.logit_alpha)
+        return self.patchify(y), self._patches(logdet).sum(dim=2)
+
+    def from_tokens(self, tokens: Tensor) -> Tensor:
+        """Z^0 -> images: the inverse of :meth:`to_tokens`."""
+        x = self.unpatchify(tokens)
+        return logit_inverse(x, self.config.logit_alpha) if self.config.logit_alpha else x
+
     def patchify(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, N, d): row-major patches, channels ordered (row-in-patch, col-in-patch, C),
         then the config's patch transform (DCT coefficients in zig-zag order, or the raw pixels)."""
         self.check_images(x, check_range=False)
-        b, c, h, w = x.shape
-        p = self.config.patch_size
-        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-        tokens = x.reshape(b, (h // p) * (w // p), p * p * c)
+        tokens = self._patches(x)
         if self.patch_basis is None:
             return tokens
         return tokens @ self.patch_basis.to(tokens.dtype).T
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, N, d), the raw patch layout of :meth:`patchify`."""
+        b, c, h, w = x.shape
+        p = self.config.patch_size
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
         cfg = self.config
@@ -144,8 +191,8 @@ class Farmer(nn.Module):
         if not cfg.conditional:
             raise ValueError("this model is unconditional (num_classes=0) but labels were given")
         y = torch.as_tensor(y, device=device)
-        if y.is_floating_point() or y.is_complex():
-            raise TypeError(f"labels must be integers, got dtype {y.dtype}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:  # a bool mask is no class index
+            raise TypeError(f"labels must be integers (class indices), got dtype {y.dtype}")
         if y.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(y.shape)}")
         if check_values and batch and (y.min() < 0 or y.max() >= cfg.num_classes):
@@ -154,19 +201,24 @@ class Farmer(nn.Module):
 
     # Likelihood -------------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Images -> (Z^I (B, N, d_I), Z^R (B, N, d_R), flow log-det (B,)) in the prior's token order."""
-        z, logdet = self.flow(self.patchify(x))
+        """Images -> (Z^I (B, N, d_I), Z^R (B, N, d_R), log-det (B,) of the map to them: flow and pre-transform)
+        in the prior's token order."""
+        tokens, pre_logdet = self.to_tokens(x)
+        z, logdet = self.flow(tokens)
         if self.config.final_permute:  # docs/method.md §1 step 4: reverse the token order
             z = z.flip(1)
         d_i = self.config.informative_dim
-        return z[..., :d_i], z[..., d_i:], logdet
+        return z[..., :d_i], z[..., d_i:], logdet + pre_logdet.sum(dim=1)
 
     def decode(self, informative: Tensor, redundant: Tensor,
-               inverse: Literal["exact", "jacobi", "distilled"] = "exact") -> Tensor:
-        """(Z^I, Z^R) -> images: concatenate, undo the final permute, invert the flow, unpatchify."""
+               inverse: Literal["auto", "exact", "jacobi", "distilled"] = "auto") -> Tensor:
+        """(Z^I, Z^R) -> images: concatenate, undo the final permute, invert the flow, unpatchify. "auto": the
+        exact or the Jacobi inverse, whichever is faster at this batch size on this device (docs/method.md §7)."""
         z = torch.cat([informative, redundant], dim=-1)
         if self.config.final_permute:
             z = z.flip(1)
+        if inverse == "auto":
+            inverse = auto_inverse(z.shape[0], z.device)
         if inverse == "exact":
             tokens = self.flow.inverse(z)
         elif inverse == "jacobi":
@@ -176,8 +228,8 @@ class Farmer(nn.Module):
                 raise ValueError("this model has no distilled inverse; train one with `farmer distill`")
             tokens = self.student(z)
         else:
-            raise ValueError(f"inverse must be 'exact', 'jacobi' or 'distilled', got {inverse!r}")
-        return self.unpatchify(tokens)
+            raise ValueError(f"inverse must be 'auto', 'exact', 'jacobi' or 'distilled', got {inverse!r}")
+        return self.from_tokens(tokens)
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x | y) per image (B,), in nats, of images x in [-1, 1] (any float dtype, cast to the model's);
@@ -197,14 +249,15 @@ class Farmer(nn.Module):
         self.check_images(x)
         labels = self.check_labels(y, x.shape[0], x.device)
         x = x.to(next(self.parameters()).dtype)
-        z, flow = self.flow.forward_tokens(self.patchify(x))
+        tokens, pre_logdet = self.to_tokens(x)
+        z, flow = self.flow.forward_tokens(tokens)
         if self.config.final_permute:
             z = z.flip(1)
         d_i = self.config.informative_dim
         informative, redundant = self.prior.token_log_probs(z[..., :d_i], z[..., d_i:], labels)
         if self.config.final_permute:  # back from the prior's token order to the patches'
             informative, redundant = informative.flip(1), redundant.flip(1)
-        return LikelihoodTerms(informative, redundant, flow)
+        return LikelihoodTerms(informative, redundant, flow + pre_logdet)
 
     def _log_prob(self, x: Tensor, labels: Tensor) -> Tensor:
         informative, redundant, logdet = self.encode(x)
@@ -212,7 +265,9 @@ class Farmer(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(loss in nats per dimension, per-image NLL in nats (B,)). In training mode labels are dropped to
-        the null class with probability ``label_dropout`` so one model is also unconditional (docs/method.md §4)."""
+        the null class with probability ``label_dropout`` so one model is also unconditional (docs/method.md §4).
+        With variational dequantisation x holds the pixels' bin centres, and the NLL is that of the variational
+        bound, −(log p(x₀ + u/128) − log q(u | x)) with u ~ q (docs/method.md §14)."""
         cfg = self.config
         # The training hot path: shape and dtype checks only (no device sync); log_prob checks values.
         self.check_images(x, check_range=False)
@@ -222,14 +277,18 @@ class Farmer(nn.Module):
         if self.training and cfg.conditional and cfg.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < cfg.label_dropout
             labels = labels.masked_fill(drop, cfg.num_classes)
-        nll = -self._log_prob(x, labels)
+        if self.dequantizer is None:
+            nll = -self._log_prob(x, labels)
+        else:
+            dequantized, log_q = self.dequantizer(x)
+            nll = log_q - self._log_prob(dequantized, labels)
         return nll.mean() / cfg.num_dims, nll
 
     # Sampling -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None, *,
                guidance: Guidance | None = None, variance_scale: float = 1.0, temperature: float = 1.0,
-               inverse: Literal["exact", "jacobi", "distilled"] = "exact",
+               inverse: Literal["auto", "exact", "jacobi", "distilled"] = "auto",
                progress: Callable[[int], None] | None = None) -> Tensor:
         """n images (n, C, H, W) in [-1, 1]: AR over Z^I (optionally guided), Z^R from the shared mixture,
         then the flow inverse (exact and sequential, Jacobi-iterated, or the distilled student)."""
@@ -238,8 +297,9 @@ class Farmer(nn.Module):
                             "(a guidance scale goes in guidance=ResamplingGuidance(scale=...))")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if variance_scale <= 0 or temperature <= 0:
-            raise ValueError("variance_scale and temperature must be > 0")
+        for name, value in (("variance_scale", variance_scale), ("temperature", temperature)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if guidance is not None and not isinstance(guidance, Guidance):
             raise TypeError(f"guidance is a CFG method, e.g. ResamplingGuidance(scale=2.5), got "
                             f"{type(guidance).__name__} {guidance!r}")

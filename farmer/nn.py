@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -53,6 +54,16 @@ class KVCache:
         self.length += steps
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
+    """``scaled_dot_product_attention``, in fp32 on CPUs even under bf16 autocast (farmer.precision: the CPU's bf16
+    attention backward is several times slower than fp32's); on accelerators it follows autocast."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        wide = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.to(wide), k.to(wide), v.to(wide), **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -64,7 +75,7 @@ class Attention(nn.Module):
         b, t, w = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            out = attention(q, k, v, is_causal=causal)
         else:
             start = cache.length
             kv = cache.kv[layer]
@@ -76,7 +87,7 @@ class Attention(nn.Module):
                 # query at absolute position start+i sees keys at positions <= start+i
                 q_pos = torch.arange(start, start + t, device=x.device)[:, None]
                 mask = q_pos >= torch.arange(start + t, device=x.device)[None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, t, w))
 
 
@@ -96,10 +107,17 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of layers with a final norm; causal or bidirectional, optionally decoding through a cache."""
+    """A stack of layers with a final norm; causal or bidirectional, optionally decoding through a cache.
+
+    ``activation_checkpointing``: a training switch, not architecture (never saved). When on, a forward that
+    builds a graph keeps only each layer's input and recomputes the layer in the backward pass (one more forward
+    of the trunk for a layer's activations held once instead of for every layer). The recompute replays the same
+    autocast state and RNG state, so the loss and gradients are those without it (tests/test_nn.py).
+    """
 
     def __init__(self, width: int, layers: int, head_dim: int, mlp_ratio: int, max_len: int) -> None:
         super().__init__()
+        self.activation_checkpointing = False
         self.heads = max(1, width // head_dim)
         self.width = width
         self.max_len = max_len
@@ -107,8 +125,9 @@ class Transformer(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: Tensor, causal: bool = True, cache: KVCache | None = None) -> Tensor:
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, causal, cache, i)
+            x = checkpoint(layer, x, causal, use_reentrant=False) if recompute else layer(x, causal, cache, i)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)
@@ -180,13 +199,18 @@ class Decoder:
             self.embedding = weight, bias + positions.detach()
 
     @torch.no_grad()
-    def embed_step(self, token: Tensor, position: int, cache: KVCache) -> Tensor:
-        """``step(embed(token) + positions[position], cache)`` for token (B, in), with the embedding's bias and
-        the position folded into one ``addmm``."""
+    def embed(self, token: Tensor, position: int) -> Tensor:
+        """``embed(token) + positions[position]`` for token (B, in): the embedding's bias and the position folded
+        into one ``addmm``."""
         if self.embedding is None:
             raise ValueError("this Decoder was built without an embedding (Transformer.decoder(embed, positions))")
         weight, bias = self.embedding
-        return self.step(torch.addmm(bias[position], token, weight), cache)
+        return torch.addmm(bias[position], token, weight)
+
+    @torch.no_grad()
+    def embed_step(self, token: Tensor, position: int, cache: KVCache) -> Tensor:
+        """``step(embed(token, position), cache)``."""
+        return self.step(self.embed(token, position), cache)
 
     @torch.no_grad()
     def step(self, x: Tensor, cache: KVCache) -> Tensor:
@@ -198,15 +222,10 @@ class Decoder:
             qkv = qkv.view(b, 3, heads, w // heads)
             kv.select(3, pos).copy_(qkv[:, 1:].transpose(0, 1))
             past = kv[:, :, :, : pos + 1]
-            attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], past[0], past[1])  # (B, heads, 1, hd)
+            attended = attention(qkv[:, 0, :, None], past[0], past[1])  # (B, heads, 1, hd)
             x = x + torch.addmm(d.proj_bias, attended.reshape(b, w), d.proj_weight)
             hidden = F.gelu(torch.addmm(d.fc1_bias, F.layer_norm(x, shape, d.norm2_weight, d.norm2_bias, eps),
                                         d.fc1_weight))
             x = x + torch.addmm(d.fc2_bias, hidden, d.fc2_weight)
         cache.advance(1)
         return F.layer_norm(x, shape, self.norm_weight, self.norm_bias, eps)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on accelerators only (CPU bf16 matmuls are slow and less accurate here)."""
-    return torch.bfloat16 if device.type in ("cuda", "xpu", "mps") else None

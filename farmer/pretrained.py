@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from farmer.config import FarmerConfig, check_dict
+from farmer.config import FARMER_FIELDS_ADDED_LATER, FarmerConfig, check_dict, warn_defaulted_fields
 from farmer.io import write_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
@@ -29,9 +29,11 @@ LATEST = "LATEST"
 CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
+SHARDED_STATE = "sharded"  # a sharded training step's torch.distributed.checkpoint shards (farmer.checkpoint)
 SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT_SHIPPED = "mnist"
-HUB_INSTALL = "pip install 'farmer[hub]'"
+HUB_INSTALL = "pip install 'farmer-flow[hub]'"
+ID2LABEL = "id2label"  # config.json's class names, {"0": "T-shirt/top", ...}, as in Hugging Face configs
 
 
 def contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -96,6 +98,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         check_dict(data.get("train", {}), "'train'")
     except ValueError as err:
         raise ValueError(f"{step_dir / CONFIG}: {err}") from None
+    warn_defaulted_fields(FarmerConfig, data["model"], str(step_dir / CONFIG), FARMER_FIELDS_ADDED_LATER)
     return data
 
 
@@ -133,7 +136,12 @@ def load_state_into(module: torch.nn.Module, state: dict[str, Tensor], source: P
 
 def weights_file(step_dir: Path, ema: bool = True) -> Path:
     """The weights to load from a checkpoint directory: the EMA weights when asked for and present."""
-    return step_dir / (EMA_WEIGHTS if ema and (step_dir / EMA_WEIGHTS).is_file() else MODEL_WEIGHTS)
+    file = step_dir / (EMA_WEIGHTS if ema and (step_dir / EMA_WEIGHTS).is_file() else MODEL_WEIGHTS)
+    if not file.is_file() and (step_dir / SHARDED_STATE).is_dir():
+        # A sharded (FSDP) training step keeps only its EMA weights as safetensors (farmer.checkpoint).
+        raise FileNotFoundError(f"{step_dir} is a sharded training checkpoint: it holds the EMA weights only; its "
+                                "raw weights are shards, read by farmer.checkpoint.load_sharded_weights")
+    return file
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, local_files_only: bool) -> Path:
@@ -144,8 +152,21 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | No
     except ImportError:
         raise ImportError(f"{repo_id!r} is not a local directory nor a shipped model; loading it from the "
                           f"Hugging Face Hub needs huggingface_hub: {HUB_INSTALL}") from None
-    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                  allow_patterns=[CONFIG, "*.safetensors"]))
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, allow_patterns=[CONFIG, "*.safetensors"]))
+    except Exception as err:  # the Hub's many error classes (offline, no such repository, HTTP, ...)
+        # "checkpoints/mnist" is also a mistyped local path: the error says both where it was looked for.
+        raise _restated(err, f"{repo_id!r} is not a local directory ({Path(repo_id).absolute()} does not exist) "
+                             f"nor a shipped model ({', '.join(shipped_models()) or 'none'}), and as a Hugging Face "
+                             f"Hub repository id: {err}") from None
+
+
+def _restated(err: Exception, message: str) -> Exception:
+    """``err`` saying ``message`` instead, kept of its own class so that callers may still catch the Hub's
+    errors by class; a FileNotFoundError when its class does not print its arguments."""
+    err.args = (message,)
+    return err if str(err) == message else FileNotFoundError(message)
 
 
 def checkpoint_directory(path_or_repo_id: str | Path, *, revision: str | None = None,
@@ -172,12 +193,36 @@ def write_weights(file: Path, weights: dict[str, Tensor], dtype: torch.dtype | N
     return write_atomic(file, safetensors_bytes(weights))
 
 
+def id2label_json(names: list[str] | tuple[str, ...], num_classes: int) -> dict[str, str]:
+    """Class names in config.json's form, {"0": name, ...}, checked to name every class once."""
+    if len(names) != num_classes or not all(isinstance(name, str) and name.strip() for name in names):
+        raise ValueError(f"id2label must be {num_classes} non-empty class names (one per class), got "
+                         f"{len(names)}: {names[:3]!r}...")
+    return {str(index): name for index, name in enumerate(names)}
+
+
+def read_id2label(path: str | Path) -> list[str] | None:
+    """A checkpoint's class names in class order (config.json ``id2label``), or None when it records none."""
+    data = read_config(path)
+    stored = data.get(ID2LABEL)
+    if stored is None:
+        return None
+    num_classes = FarmerConfig.from_dict(data["model"]).num_classes
+    if not isinstance(stored, dict) or set(stored) != {str(index) for index in range(num_classes)}:
+        raise ValueError(f"{resolve_checkpoint(path) / CONFIG}: {ID2LABEL} must map each class index "
+                         f'"0".."{num_classes - 1}" to its name')
+    names = [stored[str(index)] for index in range(num_classes)]
+    id2label_json(names, num_classes)  # every name a non-empty string
+    return names
+
+
 def write_pretrained(directory: str | Path, config: FarmerConfig, weights: dict[str, Tensor],
-                     dtype: torch.dtype | None = None) -> Path:
+                     dtype: torch.dtype | None = None, id2label: list[str] | tuple[str, ...] | None = None) -> Path:
     """Write a model as ``directory/config.json`` + ``directory/model.safetensors`` (the Hugging Face Hub
     layout; other files in the directory are left alone), the weights in ``dtype`` when given (float16 halves
-    the files; loading casts back to the model's float32). Each file is replaced atomically, the weights
-    first: config.json marks a complete checkpoint."""
+    the files; loading casts back to the model's float32), the class names ``id2label`` (in class order) when
+    given. Each file is replaced atomically, the weights first: config.json marks a complete checkpoint."""
+    labels = None if id2label is None else id2label_json(list(id2label), config.num_classes)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is a file, not a directory")
@@ -185,5 +230,6 @@ def write_pretrained(directory: str | Path, config: FarmerConfig, weights: dict[
         raise ValueError(f"{directory} holds {EMA_WEIGHTS} (a training checkpoint); save to another directory")
     directory.mkdir(parents=True, exist_ok=True)
     write_weights(directory / MODEL_WEIGHTS, weights, dtype)
-    write_json_atomic(directory / CONFIG, {"format": FORMAT_VERSION, "model": config.to_dict()})
+    write_json_atomic(directory / CONFIG, {"format": FORMAT_VERSION, "model": config.to_dict(),
+                                           **({ID2LABEL: labels} if labels else {})})
     return directory

@@ -21,7 +21,7 @@ from farmer.guidance import Guidance, NaiveGuidance, ResamplingGuidance, guidanc
 if TYPE_CHECKING:
     from farmer.model import Farmer
 
-Inverse = Literal["exact", "jacobi", "distilled"]
+Inverse = Literal["exact", "jacobi", "distilled", "auto"]
 INVERSES: tuple[str, ...] = get_args(Inverse)
 GUIDANCE_METHODS = {"resampling": ResamplingGuidance, "naive": NaiveGuidance}
 
@@ -40,7 +40,9 @@ class SamplingOptions:
     guidance: Guidance | None = None  # None: no CFG; ResamplingGuidance, NaiveGuidance or any Guidance
     variance_scale: float = 1.0  # unguided s: multiplies the mixtures' variances (paper: 0.9)
     temperature: float = 1.0  # unguided T: divides the mixture logits (paper: 1.3)
-    inverse: Inverse = "exact"  # the flow inverse: sequential, Jacobi-iterated, or the distilled student
+    # The flow inverse: sequential, Jacobi-iterated, the distilled student, or "auto": exact or Jacobi, whichever is
+    # faster at the batch size on the device (docs/method.md §7).
+    inverse: Inverse = "auto"
     batch_size: int = 250
     seed: int = 0
 
@@ -89,20 +91,39 @@ def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -
 DEFAULT_SAMPLING = SamplingOptions()  # frozen, so one shared default is safe
 
 
-def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
-    """'0-9', '3', '1,4,7' or '0-4,9' -> a list of class indices."""
+def _quoted(text: str, limit: int = 40) -> str:
+    """``text`` as repr, cut to ``limit`` characters: an error message stays short whatever was typed."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text):,} characters)"
+
+
+def parse_classes(text: str | None, num_classes: int, names: Sequence[str] | None = None) -> list[int] | None:
+    """'0-9', '3', '1,4,7' or '0-4,9' -> a list of class indices; with the model's class ``names`` (its
+    config.json ``id2label``), a part may also be a name, e.g. 'sandal,sneaker' (case-insensitive; a number is
+    always an index).
+
+    Each range is checked against ``num_classes`` before it is expanded, so a huge one ("0-99999999999") is
+    refused at once, and every message names the first bad part only.
+    """
     if text is None:
         return None
+    by_name = {name.strip().lower(): index for index, name in enumerate(names or ())}
     classes: list[int] = []
-    for part in text.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+    for part in (piece.strip() for piece in text.split(",")):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if match is None:
-            raise ValueError(f"--classes must look like 0-9, 3 or 1,4-6, got {text!r}")
+            if part.lower() in by_name:
+                classes.append(by_name[part.lower()])
+                continue
+            names = list(names or ())
+            shown = ", ".join(names[:10]) + (f", ... ({len(names)} names)" if len(names) > 10 else "")
+            known = f", or class names ({shown})" if names else ""
+            raise ValueError(f"--classes must look like 0-9, 3 or 1,4-6{known}; {_quoted(part)} in "
+                             f"{_quoted(text)} is not")
         lo, hi = int(match[1]), int(match[2] or match[1])
         if hi < lo:
-            raise ValueError(f"--classes range {part.strip()!r} is descending; write {hi}-{lo}")
+            raise ValueError(f"--classes range {_quoted(part)} is descending; write {hi}-{lo}")
+        if hi >= num_classes:
+            raise ValueError(f"--classes {_quoted(part)} is out of range for a model with {num_classes} classes "
+                             f"(0-{num_classes - 1})" if num_classes else "the model has no classes")
         classes.extend(range(lo, hi + 1))
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(f"classes {bad} are out of range for a model with {num_classes} classes")
     return classes

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 LOGGERS = ("jsonl", "tensorboard")
-TENSORBOARD_INSTALL = "pip install 'farmer[tensorboard]'"
+TENSORBOARD_INSTALL = "pip install 'farmer-flow[tensorboard]'"
 _NOT_SCALARS = ("step", "time")
 
 

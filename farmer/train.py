@@ -14,9 +14,11 @@ import contextlib
 import copy
 import json
 import math
+import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,13 +33,17 @@ from tqdm import tqdm
 from farmer.checkpoint import (
     OPTIMIZER,
     TRAINER,
+    is_sharded_checkpoint,
     load_model,
+    load_sharded_state,
     lock_run_directory,
     save_checkpoint,
+    save_sharded_checkpoint,
     unflatten_optimizer_state,
 )
-from farmer.config import FarmerConfig, check_dict, field_type_errors
+from farmer.config import FarmerConfig, check_dict, field_type_errors, warn_defaulted_fields
 from farmer.data import (
+    DATASET_NAMES,
     DEFAULT_VAL_FRACTION,
     dataset_info,
     dequantize,
@@ -54,13 +60,16 @@ from farmer.distributed import (
     init_runtime,
     is_sharded,
     load_optimizer_state,
+    load_sharded_into,
+    local_shards,
+    sharded_state,
     wrap_distributed,
 )
 from farmer.images import save_grid
-from farmer.io import count_parameters
+from farmer.io import count_parameters, write_atomic
 from farmer.model import Farmer
-from farmer.nn import autocast_dtype
 from farmer.objective import LikelihoodObjective, Objective
+from farmer.precision import PRECISIONS, autocast, autocast_dtype
 from farmer.pretrained import (
     CONFIG,
     EMA_WEIGHTS,
@@ -93,9 +102,16 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU; or "fp32", "bf16"
+    precision: str = "auto"  # farmer.precision: "auto" (bf16 on accelerators, fp32 on CPUs), "fp32" or "bf16"
     compile: bool = False
+    # Recompute each transformer layer in the backward pass rather than hold its activations (farmer.nn.Transformer):
+    # less memory for about one more forward pass of the trunks (`farmer plan` sizes both).
+    activation_checkpointing: bool = False
     sharding: str = "ddp"  # under torchrun with several processes: "ddp" or "fsdp"
+    # Under FSDP with several processes, "sharded": every rank writes its own shards of weights, EMA and optimizer
+    # (torch.distributed.checkpoint) and rank 0 the gathered EMA as safetensors; "full": rank 0 gathers everything
+    # into safetensors, as every other run does (farmer/checkpoint.py).
+    checkpoint_format: str = "sharded"
     # "likelihood": train the model by maximum likelihood (docs/method.md §5). "distill": train only the one-step
     # student of the flow inverse from the frozen checkpoint ``teacher`` (docs/method.md §7, Algorithm 2).
     objective: str = "likelihood"
@@ -104,7 +120,9 @@ class TrainConfig:
     # A new run starts from these (EMA) weights instead of a random initialisation: a run, step or shipped
     # model whose model config equals this run's (a distilled student there is left behind). Fine-tuning.
     init_from: str | None = None
-    num_workers: int = 0
+    # DataLoader workers per rank. None: min(8, CPUs per rank − 1) for an image folder or packed shards (decoding
+    # and copying overlap the step), 0 for the in-memory named sets (indexing a tensor needs no worker).
+    num_workers: int | None = None
     # Share of an image folder without train/val subfolders held out (fixed seed) for test bits/dim.
     val_fraction: float = DEFAULT_VAL_FRACTION
     log_every: int = 10
@@ -113,6 +131,10 @@ class TrainConfig:
     sample_every: int = 1_000
     save_every: int = 500
     keep_checkpoints: int = 2
+    # Extra save and evaluation points by wall-clock time (rank 0's, since the last one; 0: off), checked at
+    # logging steps: steps take very different times on different GPUs and presets.
+    save_every_minutes: float = 0.0
+    eval_every_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         errors = field_type_errors(self)
@@ -122,8 +144,9 @@ class TrainConfig:
                     "save_every"):
             if getattr(self, key) < 1:
                 errors.append(f"{key} must be >= 1")
-        for key in ("warmup_steps", "num_workers", "keep_checkpoints", "min_lr", "weight_decay"):
-            if getattr(self, key) < 0:
+        for key in ("warmup_steps", "num_workers", "keep_checkpoints", "min_lr", "weight_decay", "save_every_minutes",
+                    "eval_every_minutes"):
+            if (getattr(self, key) or 0) < 0:  # num_workers None: the default
                 errors.append(f"{key} must be >= 0")
         if self.lr <= 0 or self.grad_clip <= 0:
             errors.append("lr and grad_clip must be > 0")
@@ -131,10 +154,12 @@ class TrainConfig:
             errors.append("beta1 and beta2 must be in [0, 1)")
         if not 0 < self.val_fraction < 1:
             errors.append("val_fraction must be in (0, 1)")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            errors.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            errors.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.sharding not in ("ddp", "fsdp"):
             errors.append(f"sharding must be ddp or fsdp, got {self.sharding!r}")
+        if self.checkpoint_format not in ("full", "sharded"):
+            errors.append(f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         if self.objective not in ("likelihood", "distill"):
             errors.append(f"objective must be likelihood or distill, got {self.objective!r}")
         if self.teacher_weights not in ("ema", "raw"):
@@ -163,6 +188,15 @@ class TrainConfig:
         return cls(**TRAIN_PRESETS.get(name, {}))
 
 
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# The paper's ImageNet runs (docs/method.md §8): its optimiser (the TrainConfig defaults) for 320 epochs. It reports
+# no batch size: 256 global is our choice, so 320 epochs are 1,601,458 steps. Saves and evaluations follow GPU time
+# (every 30 and 60 minutes); the step-based points are only a backstop. --data names the image folder. On 8 GPUs
+# the batch is 32 per GPU; where the memory plan (farmer plan) says that does not fit, raise grad_accum.
+_IMAGENET_TRAIN: dict[str, Any] = dict(
+    batch_size=256, steps=320 * IMAGENET_TRAIN_IMAGES // 256, log_every=100, save_every=50_000, eval_every=50_000,
+    sample_every=50_000, eval_images=2_000, save_every_minutes=30.0, eval_every_minutes=60.0, sharding="fsdp")
+
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(data="digits", steps=300, batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.99,
                  eval_every=100, eval_images=297, sample_every=300, save_every=100, log_every=10),
@@ -171,6 +205,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # lags (the shipped run used 0.999: EMA 4.59 vs raw 2.20 test bits/dim at step 3,000).
     "mnist": dict(data="mnist", steps=3_000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=200,
                   ema_decay=0.995, eval_every=500, eval_images=2_000, sample_every=500, save_every=250),
+    **dict.fromkeys(("imagenet256-1.1b-p16", "imagenet256-1.1b-p8", "imagenet256-1.9b-p16", "imagenet256-1.9b-p8",
+                     "imagenet64-556m"), _IMAGENET_TRAIN),
 }
 
 
@@ -220,6 +256,17 @@ class StepSampler(Sampler[list[int]]):
             yield from (chunk.tolist() for chunk in local.chunk(self.cfg.grad_accum))
 
 
+def loader_workers(cfg: TrainConfig) -> int:
+    """``cfg.num_workers``, or its default: 0 for in-memory named sets, else min(8, CPUs per rank − 1)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if cfg.data in DATASET_NAMES:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_rank = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this node
+    return max(0, min(8, per_rank - 1))
+
+
 # Evaluation ----------------------------------------------------------------------------------------
 def sample_grid(model: Farmer, path: Path, per_class: int = 8,
                 options: SamplingOptions = DEFAULT_SAMPLING) -> Path:
@@ -255,14 +302,45 @@ def _set_rng_state(state: dict[str, list[int]], generator: torch.Generator) -> N
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+# TrainConfig fields added after checkpoint format 1, each defaulting to what runs saved before it did (off, or the
+# equivalent): a run resumed without them needs no warning (farmer.config.warn_defaulted_fields).
+TRAIN_FIELDS_ADDED_LATER = ("checkpoint_format", "save_every_minutes", "eval_every_minutes", "activation_checkpointing")
+
+
+def read_trainer_state(step_dir: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.json: an error naming the file if it is torn or has no integer ``step``."""
+    path = step_dir / TRAINER
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt ({err}); resume from an earlier step by writing its name into "
+                         f"{step_dir.parent / LATEST}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path} is not a trainer state: it needs an integer 'step'")
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], rank: int, generator: torch.Generator, source: Path) -> None:
+    """Rank ``rank``'s RNG states from a trainer state; without them (an edited file, another world size) a
+    warning says the run goes on from the seeded generators, no longer bit-exact."""
+    rngs = state.get("rng")
+    try:
+        _set_rng_state(rngs[rank], generator)
+    except (TypeError, IndexError, KeyError, ValueError, RuntimeError):
+        warnings.warn(f"{source} holds no usable RNG state for rank {rank}: resuming with freshly seeded random "
+                      "generators (the run is no longer bit-identical to an uninterrupted one)", stacklevel=2)
+
+
 def stored_configs(run_dir: str | Path) -> tuple[FarmerConfig, TrainConfig]:
     """The model and training configs of a run's newest checkpoint; errors name its config.json."""
     step_dir = resolve_checkpoint(run_dir)
     stored = read_config(step_dir)
     try:
-        return FarmerConfig.from_dict(stored["model"]), TrainConfig.from_dict(stored.get("train", {}))
+        configs = FarmerConfig.from_dict(stored["model"]), TrainConfig.from_dict(stored.get("train", {}))
     except ValueError as err:
         raise ValueError(f"{step_dir / CONFIG}: {err}") from None
+    warn_defaulted_fields(TrainConfig, stored.get("train", {}), str(step_dir / CONFIG), TRAIN_FIELDS_ADDED_LATER)
+    return configs
 
 
 def _check_resume_config(run_dir: Path, model_config: FarmerConfig) -> None:
@@ -290,7 +368,8 @@ class MetricsLog:
                     raise ValueError(f"{path}: line {number} is not JSON; fix or delete that line") from None
                 if record.get("step", 0) <= resume_step:
                     kept.append(line)
-            path.write_text("".join(line + "\n" for line in kept))
+            # Atomically: a kill during a rewrite in place would leave the whole history at 0 bytes.
+            write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, **record: Any) -> None:
         if self.enabled:
@@ -305,24 +384,45 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """A SIGTERM (a cluster's preemption or ``kill``) stopped training after saving its step; it resumes exactly."""
+    """A SIGTERM (a cluster's preemption or ``kill``) or a SIGINT (Ctrl-C) stopped training after saving its step;
+    it resumes exactly."""
 
-    exit_status = 143  # the CLI's, as for a process killed by SIGTERM (128 + 15): schedulers may requeue it
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        # The CLI's exit status, as for a process killed by the signal (143 for SIGTERM: schedulers may requeue
+        # it; 130 for Ctrl-C).
+        self.exit_status = 128 + int(signum)
+
+
+class StopRequest(threading.Event):
+    """Set by the first SIGTERM or SIGINT; ``signum`` is that signal (None while clear)."""
+
+    signum: int | None = None
 
 
 @contextlib.contextmanager
-def _termination_requests() -> Iterator[threading.Event]:
-    """An event set by SIGTERM while the block runs (in the main thread; elsewhere signals cannot be caught and
-    the event stays clear). The previous handler is restored afterwards."""
-    requested = threading.Event()
+def _termination_requests() -> Iterator[StopRequest]:
+    """An event set by SIGTERM or SIGINT (Ctrl-C) while the block runs (in the main thread; elsewhere signals
+    cannot be caught and the event stays clear). A second Ctrl-C interrupts at once (KeyboardInterrupt), for a
+    user who will not wait for the save. The previous handlers are restored afterwards."""
+    requested = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+
+    def request(signum: int, frame: object) -> None:
+        if requested.is_set() and signum == signal.SIGINT and requested.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not requested.is_set():
+            requested.signum = signum
+            requested.set()
+
+    previous = {signum: signal.signal(signum, request) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # Objectives and the step ---------------------------------------------------------------------------
@@ -334,11 +434,8 @@ def make_objective(cfg: TrainConfig) -> Objective:
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``cfg.precision`` on ``device``: "auto" is bf16 on accelerators, none (fp32) on the
-    CPU; "bf16" and "fp32" force it."""
-    if cfg.precision == "auto":
-        return autocast_dtype(device)
-    return torch.bfloat16 if cfg.precision == "bf16" else None
+    """The autocast dtype of ``cfg.precision`` on ``device`` (farmer.precision)."""
+    return autocast_dtype(cfg.precision, device)
 
 
 def ema_decay_at(step: int, cfg: TrainConfig) -> float:
@@ -387,8 +484,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     model.train()
     total = torch.zeros((), device=micro_batches[0][0].device)
     for index, (x, y) in enumerate(micro_batches):
-        with _accumulating(net, index == len(micro_batches) - 1), \
-                torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with _accumulating(net, index == len(micro_batches) - 1), autocast(x.device, amp):
             value, _ = net(x, y)
         (value / len(micro_batches)).backward()
         total += value.detach() / len(micro_batches)
@@ -483,6 +579,7 @@ class _Session:
         resuming = (out / LATEST).is_file()
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = self.objective.build_model(model_config, resuming).to(rt.device)
+        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.noise_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rt.rank)
         torch.manual_seed(cfg.seed * 104_729 + rt.rank)  # label dropout differs across ranks, as data does
@@ -502,7 +599,11 @@ class _Session:
         # Created after wrapping: FSDP replaces the parameters with sharded ones.
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
-        if restored is not None:
+        if restored is not None and is_sharded_checkpoint(restored[1]):  # any world size, sharded or not now
+            state = sharded_state(self.model, self.ema, self.optimizer)
+            load_sharded_state(restored[1], state)
+            load_sharded_into(state, self.model, self.ema, self.optimizer)
+        elif restored is not None:
             trainer_state, step_dir = restored
             optim_state = unflatten_optimizer_state(load_weights(step_dir / OPTIMIZER), trainer_state["optimizer"])
             load_optimizer_state(self.model, self.optimizer, optim_state, rt, cfg.sharding)
@@ -517,15 +618,17 @@ class _Session:
         # costs no sync; _stop_if_diverged() reads it where the loop syncs anyway.
         self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=rt.device)
         self.tick = (time.perf_counter(), self.start_step)  # throughput since the last logging step
+        self.last_save = self.last_eval = time.monotonic()  # for cfg.save_every_minutes, eval_every_minutes
 
     def _restore(self, log: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
         """Load the newest checkpoint's weights, EMA and RNG states; return its trainer state and directory."""
         _check_resume_config(self.out, self.model_config)
         step_dir = resolve_checkpoint(self.out)
-        load_state_into(self.model, load_weights(step_dir / MODEL_WEIGHTS), step_dir / MODEL_WEIGHTS)
-        load_state_into(self.ema, load_weights(step_dir / EMA_WEIGHTS), step_dir / EMA_WEIGHTS)
-        trainer_state = json.loads((step_dir / TRAINER).read_text())
-        _set_rng_state(trainer_state["rng"][self.rt.rank], self.noise_generator)
+        if not is_sharded_checkpoint(step_dir):  # shards load once the modules are wrapped (__init__)
+            load_state_into(self.model, load_weights(step_dir / MODEL_WEIGHTS), step_dir / MODEL_WEIGHTS)
+            load_state_into(self.ema, load_weights(step_dir / EMA_WEIGHTS), step_dir / EMA_WEIGHTS)
+        trainer_state = read_trainer_state(step_dir)
+        restore_rng_state(trainer_state, self.rt.rank, self.noise_generator, step_dir / TRAINER)
         if self.rt.main:
             log(f"resuming {self.out} from step {trainer_state['step']}")
         return trainer_state, step_dir
@@ -534,9 +637,11 @@ class _Session:
         """Train from ``start_step`` to ``cfg.steps`` (or ``stop_at``); return the last logged metrics."""
         cfg, rt = self.cfg, self.rt
         # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
+        # Workers keep the order (each batch is one StepSampler entry), so they never change what a step sees.
+        workers = loader_workers(cfg)
         loader = DataLoader(train_set, batch_sampler=StepSampler(len(train_set), cfg, self.start_step, rt.rank,
                                                                  rt.world),
-                            num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
+                            num_workers=workers, persistent_workers=workers > 0, pin_memory=rt.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed))
         batches = iter(loader)
         bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not (progress and rt.main), dynamic_ncols=True)
@@ -548,17 +653,17 @@ class _Session:
                 done = step + 1
                 bar.update(1)
                 logged = done % cfg.log_every == 0 or done == cfg.steps
+                terminated = save_due = eval_due = False
                 if logged:
                     last = self._log_step(done, result, lr, noise_std, bar)
-                if done % cfg.eval_every == 0 or done % cfg.sample_every == 0 or done == cfg.steps:
-                    record, key = self._evaluate(done), self.objective.eval_key
+                    terminated, save_due, eval_due = self._due(requested)
+                if eval_due or done % cfg.eval_every == 0 or done % cfg.sample_every == 0 or done == cfg.steps:
+                    record, key = self._evaluate(done, eval_due), self.objective.eval_key
                     if key in record:
                         last[key] = record[key]
                         bar.write(f"step {done}: {self.objective.eval_label} {record[key]:.4f}")
-                # A SIGTERM is honoured at the next logging step, where the loop syncs anyway; every rank agrees.
-                terminated = logged and self._any_rank(requested.is_set())
                 stopping = terminated or (stop_at is not None and done >= stop_at)
-                if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+                if save_due or done % cfg.save_every == 0 or done == cfg.steps or stopping:
                     self._save(done)
                 if rt.world > 1:
                     dist.barrier()
@@ -568,16 +673,28 @@ class _Session:
         if self.metrics_log.mirror is not None:
             self.metrics_log.mirror.close()
         if terminated:
-            raise TrainingInterrupted(f"stopped by SIGTERM after step {done}, saved in {self.out}; run the same "
-                                      "command again to resume it exactly")
+            signum = requested.signum or signal.SIGTERM  # a rank stopped by another's signal: as SIGTERM
+            raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} after step {done}, saved in "
+                                      f"{self.out}; run the same command again to resume it exactly", signum)
         return last
 
-    def _any_rank(self, flag: bool) -> bool:
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag, true if it is true on any rank (one collective)."""
         if self.rt.world == 1:
-            return flag
-        value = torch.tensor(float(flag), device=self.rt.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return list(flags)
+        values = torch.tensor([float(flag) for flag in flags], device=self.rt.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(value) for value in values.tolist()]
+
+    def _due(self, requested: threading.Event) -> tuple[bool, bool, bool]:
+        """At a logging step, where the loop syncs anyway, whether to stop (a SIGTERM to any rank), save, and
+        evaluate by the clock: rank 0's clock, so that every rank agrees (under FSDP a save is a collective)."""
+        now, cfg = time.monotonic(), self.cfg
+        clock = self.rt.main and cfg.save_every_minutes > 0 and now - self.last_save >= 60 * cfg.save_every_minutes
+        timed_eval = (self.rt.main and cfg.eval_every_minutes > 0
+                      and now - self.last_eval >= 60 * cfg.eval_every_minutes)
+        terminated, save_due, eval_due = self._any_rank(requested.is_set(), clock, timed_eval)
+        return terminated, save_due, eval_due
 
     def _step(self, step: int, batches: Iterator[list[Tensor]]) -> tuple[StepResult, float, float]:
         """Step ``step`` (0-based) at its learning rate and dequantisation noise: (result, lr, noise std)."""
@@ -620,7 +737,9 @@ class _Session:
         # gradient norm can poison the weights while the loss is still finite: saves also check the weights.
         if self.rt.world > 1:
             dist.all_reduce(self.first_nonfinite_step, op=dist.ReduceOp.MAX)
-        bad = int(self.first_nonfinite_step) or next((step for state in states if first_nonfinite(state)), 0)
+        # Every rank checks what it holds (rank 0 a gathered state, or each rank its shards) and all agree.
+        nonfinite = bool(states) and self._any_rank(any(first_nonfinite(state) for state in states))[0]
+        bad = int(self.first_nonfinite_step) or (step if nonfinite else 0)
         if bad:
             out = self.out
             kept = (out / LATEST).read_text().strip() if (out / LATEST).is_file() else None
@@ -631,24 +750,40 @@ class _Session:
 
     def _save(self, step: int) -> None:
         rt, sharding = self.rt, self.cfg.sharding
-        weights, ema_weights = full_state(self.model, rt, sharding), full_state(self.ema, rt, sharding)
-        self._stop_if_diverged(step, weights, ema_weights)
-        optim_state = full_optimizer_state(self.model, self.optimizer, rt, sharding)
-        rngs = gather_objects(_rng_state(self.noise_generator), rt)
-        if rt.main:
-            save_checkpoint(self.out, step, self.config_record, weights, ema_weights, optim_state,
-                            {"step": step, "rng": rngs}, keep=self.cfg.keep_checkpoints)
+        if is_sharded(rt, sharding) and self.cfg.checkpoint_format == "sharded":
+            self._save_shards(step)
+        else:
+            weights, ema_weights = full_state(self.model, rt, sharding), full_state(self.ema, rt, sharding)
+            self._stop_if_diverged(step, weights, ema_weights)
+            optim_state = full_optimizer_state(self.model, self.optimizer, rt, sharding)
+            rngs = gather_objects(_rng_state(self.noise_generator), rt)
+            if rt.main:
+                save_checkpoint(self.out, step, self.config_record, weights, ema_weights, optim_state,
+                                {"step": step, "rng": rngs}, keep=self.cfg.keep_checkpoints)
+        self.last_save = time.monotonic()
 
-    def _evaluate(self, step: int) -> dict[str, Any]:
-        """The objective's test metric and a sample grid, as due at ``step``, of the EMA weights (rank 0)."""
+    def _save_shards(self, step: int) -> None:
+        """A sharded checkpoint: no rank gathers the weights or the optimizer, only the EMA weights (rank 0, as
+        for an evaluation), which make the step directory loadable as a plain model (docs/method.md §8)."""
+        state = sharded_state(self.model, self.ema, self.optimizer)
+        self._stop_if_diverged(step, local_shards(state["model"]), local_shards(state["ema"]))
+        ema_weights = full_state(self.ema, self.rt, self.cfg.sharding)
+        rngs = gather_objects(_rng_state(self.noise_generator), self.rt)
+        save_sharded_checkpoint(self.out, step, self.config_record, state, ema_weights, {"step": step, "rng": rngs},
+                                keep=self.cfg.keep_checkpoints)
+
+    def _evaluate(self, step: int, timed: bool = False) -> dict[str, Any]:
+        """The objective's test metric (due at ``step``, or by the clock if ``timed``) and a sample grid as due at
+        ``step``, of the EMA weights (rank 0)."""
         self._stop_if_diverged(step)
         cfg, record = self.cfg, {"step": step}
         judged = self._gathered_ema()
         if self.rt.main:
             judged.eval()
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if timed or step % cfg.eval_every == 0 or step == cfg.steps:
                 record[self.objective.eval_key] = self.objective.evaluate(judged, self.eval_set, cfg.eval_images,
                                                                           cfg.seed)
+                self.last_eval = time.monotonic()
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 options = SamplingOptions(seed=cfg.seed, inverse=self.objective.sample_inverse)
                 record["samples"] = str(sample_grid(judged, self.out / "samples" / f"step-{step:08d}.png",

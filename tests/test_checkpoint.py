@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import random_model, small_config
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -16,10 +18,14 @@ from safetensors.torch import load_file, save_file
 import farmer.checkpoint as ckpt
 from farmer.checkpoint import (
     OPTIMIZER,
+    SHARDED_STATE,
     TRAINER,
     flatten_optimizer_state,
+    is_sharded_checkpoint,
     load_model,
+    load_sharded_weights,
     save_checkpoint,
+    save_sharded_checkpoint,
     unflatten_optimizer_state,
 )
 from farmer.model import Farmer
@@ -389,3 +395,69 @@ def test_run_directory_lock_is_exclusive_and_cleans_stale_saves(tmp_path: Path) 
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file"), ckpt.lock_run_directory(tmp_path / "file"):
         pass
+
+
+# Sharded (FSDP) checkpoints -----------------------------------------------------------------------------
+@pytest.fixture
+def one_process_group() -> Iterator[None]:
+    """A one-process gloo group: save_sharded_checkpoint is a collective (tests/test_train.py runs two ranks)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _save_sharded(run: Path, step: int, seed: int, keep: int = 2) -> None:
+    """Like _save: model weights from ``seed``, EMA from ``seed + 100``; the 'shards' are the whole tensors."""
+    state = {"model": _weights(seed), "ema": _weights(seed + 100), "optimizer": {"state": {}, "param_groups": []}}
+    save_sharded_checkpoint(run, step, {"model": CONFIG_TINY.to_dict()}, state, _weights(seed + 100),
+                            {"step": step, "rng": []}, keep=keep)
+
+
+def test_sharded_step_holds_shards_and_the_ema_as_safetensors(tmp_path: Path, one_process_group: None) -> None:
+    _save(tmp_path, 1, seed=1)
+    with pytest.raises(ValueError, match="not a sharded checkpoint"):
+        load_sharded_weights(tmp_path / "step-00000001")
+    for step in (2, 3):
+        _save_sharded(tmp_path, step, seed=step)
+    assert _visible_entries(tmp_path) == {LATEST, "step-00000002", "step-00000003"}  # rotated as full saves are
+    final = resolve_checkpoint(tmp_path)
+    assert final.name == "step-00000003" and is_sharded_checkpoint(final)
+    assert {p.name for p in final.iterdir()} == {CONFIG, TRAINER, EMA_WEIGHTS, SHARDED_STATE}
+    assert json.loads((final / TRAINER).read_text())["checkpoint_format"] == "sharded"
+    _assert_same_weights(load_model(tmp_path), _weights(103))  # a plain model, from safetensors
+    for ema, seed in ((False, 3), (True, 103)):
+        loaded = load_sharded_weights(tmp_path, ema=ema)
+        assert loaded.keys() == _weights(seed).keys()
+        assert all(torch.equal(loaded[k], v) for k, v in _weights(seed).items())
+    with pytest.raises(FileNotFoundError, match=r"sharded training checkpoint.*load_sharded_weights"):
+        load_model(tmp_path, ema=False)
+
+
+def test_crash_while_writing_shards_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_process_group: None
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    _save(tmp_path, 1, seed=1)
+
+    def half_written_then_crash(state: dict[str, object], checkpoint_id: Path) -> None:
+        Path(checkpoint_id).mkdir()
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError("simulated crash while writing shards")
+
+    monkeypatch.setattr(dcp, "save", half_written_then_crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        _save_sharded(tmp_path, 2, seed=2)
+    assert _visible_entries(tmp_path) == {LATEST, "step-00000001"}
+    _assert_previous_checkpoint_intact(tmp_path)
+
+
+def test_non_finite_shards_are_never_saved(tmp_path: Path, one_process_group: None) -> None:
+    _save(tmp_path, 1, seed=1)
+    weights = _weights(2)
+    name = next(iter(weights))
+    weights[name][...] = float("nan")
+    state = {"model": weights, "ema": _weights(102), "optimizer": {"state": {}, "param_groups": []}}
+    with pytest.raises(ValueError, match=rf"refusing to save step 2: .*model shards: '{name}'"):
+        save_sharded_checkpoint(tmp_path, 2, {"model": CONFIG_TINY.to_dict()}, state, _weights(102), {"step": 2})
+    _assert_previous_checkpoint_intact(tmp_path)

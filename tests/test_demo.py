@@ -23,11 +23,14 @@ from farmer.checkpoint import save_checkpoint
 from farmer.cli import build_parser, main, shipped_checkpoint
 from farmer.data import dequantize, make_dataset
 from farmer.demo import DemoApp, Limits, make_server
-from farmer.demo.card import _training
-from farmer.demo.server import DemoServer
+from farmer.demo.card import ScoreReference, _checkpoint_name, _training
+from farmer.demo.server import DemoServer, json_depth
 from farmer.metrics import bits_per_dim
+from farmer.pretrained import SHIPPED_DIR
+from farmer.sampling import parse_classes
 
-LIMITS = Limits(max_images=12, max_upload_bytes=4096, max_upload_pixels=64 * 64)
+LIMITS = Limits(max_images=12, max_upload_bytes=4096, max_upload_pixels=64 * 64, socket_timeout_s=0.5)
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def _serve(app: DemoApp) -> Iterator[DemoServer]:
@@ -44,7 +47,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomised tiny model (8×8 digits, 10 classes) saved as a checkpoint with a metrics.json."""
     config = small_config()
     directory = save_checkpoint(tmp_path_factory.mktemp("demo"), 5, {
-        "model": config.to_dict(), "train": {"data": "digits", "batch_size": 8}}, random_model(config).state_dict())
+        "model": config.to_dict(), "train": {"data": "digits", "batch_size": 8},
+        "id2label": {str(index): name for index, name in enumerate(NAMES)}}, random_model(config).state_dict())
     (directory / "metrics.json").write_text(json.dumps({"test_bits_per_dim": 3.5, "evaluations": {
         "classifier-cfg": {"classifier_score": 2.0, "frechet_distance": 10.0, "accuracy": 0.5, "num_images": 100},
         "broken": {"fid": "not a number"}}}))
@@ -68,7 +72,12 @@ def request(server: DemoServer, method: str, path: str, body: bytes | None = Non
 
 
 def api(server: DemoServer, method: str, path: str, payload: Any = None, **kwargs: Any) -> tuple[int, Any]:
+    """A request as the page sends it: JSON, or an upload typed application/octet-stream."""
     body = json.dumps(payload).encode() if payload is not None else kwargs.pop("body", None)
+    if method == "POST":
+        upload = path.startswith("/api/score") and "test_index" not in path
+        kwargs["headers"] = {"Content-Type": "application/octet-stream" if upload else "application/json",
+                             **kwargs.get("headers", {})}
     status, headers, data = request(server, method, path, body, **kwargs)
     assert headers["Content-Type"] == "application/json", (status, data[:200])
     return status, json.loads(data)
@@ -88,15 +97,17 @@ def test_page_and_model_card(server: DemoServer) -> None:
     rows = dict(card["rows"])
     assert status == 200 and rows["preset"] == "tiny" and rows["training data"] == "digits"
     assert rows["training"] == "5 steps of batch 8" and rows["test bits/dim"] == "3.500"
+    assert rows["typical bits/dim"] == "test images average 3.50 bits/dim"
+    assert rows["classes"].startswith("10, class-conditional: 0 zero, 1 one") and card["class_names"] == NAMES
     assert rows["classifier-cfg"].startswith("classifier score 2.00") and "broken" not in rows  # bad entry left out
-    assert card["inverses"][0] == "exact" and "distilled" not in card["inverses"]  # the tiny model has no student
+    assert "exact" in card["inverses"] and "distilled" not in card["inverses"]  # the tiny model has no student
     assert card["limits"]["max_images"] == 12
 
 
 def test_model_card_counts_the_steps_behind_a_fine_tune_or_a_teacher() -> None:
     trained = {"step": 4000, "train": {"batch_size": 64}, "pretrained_steps": 4100}
-    assert _training(trained, {}) == ("4,000 steps of batch 64, after 4,100 steps of the runs it started from "
-                                      "(--init-from)")
+    assert _training(trained, {}) == ("8,100 steps in all: 4,000 of batch 64, after 4,100 in the runs it started "
+                                      "from (--init-from)")
     distilled = {"step": 300, "train": {"objective": "distill", "batch_size": 64}, "pretrained_steps": 8100}
     provenance = {"teacher": {"step": 4000, "train": {"batch_size": 64}}}
     assert _training(distilled, provenance) == "8,100 steps of batch 64; inverse distilled for 300 steps"
@@ -161,15 +172,16 @@ def test_one_job_at_a_time_others_get_429(server: DemoServer) -> None:
     ({"classes": "0", "count": 13}, "count must be in [1, 12]"),
     ({"classes": "0-9", "count": 2}, "20 images requested"),
     ({"classes": "12"}, "out of range"),
+    ({"classes": "0-99999999999"}, "'0-99999999999' is out of range for a model with 10 classes (0-9)"),
+    ({"classes": "zero,ten"}, "or class names (zero, one,"),
     ({"classes": "a-b"}, "classes must look like 0-9"),
     ({"classes": [1, 2]}, "classes must be a string"),
     ({"guidance": -1}, "guidance must be in [0, 20]"),
     ({"guidance": "2"}, "guidance must be a number"),
     ({"cfg": "magic"}, "cfg must be one of resampling, naive, none"),
-    ({"inverse": "distilled"}, "inverse must be one of exact"),
+    ({"inverse": "distilled"}, "inverse must be one of"),
     ({"variance_scale": 0}, "variance_scale must be in"),
     ({"seed": True}, "seed must be an integer"),
-    ({"classes": "", "cfg": "resampling"}, "guidance needs at least one class"),
     ({"colour": "red"}, "unknown field(s) colour"),
     ([1, 2], "must be a JSON object"),
 ])
@@ -248,6 +260,101 @@ def test_cli_defaults_to_loopback_and_reports_a_taken_port(server: DemoServer) -
         make_server(server.app, "127.0.0.1", server.server_address[1])
 
 
+# What the page promises -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("method", "path", "headers", "status", "message"), [
+    ("POST", "/api/sample", {"Content-Type": "text/plain"}, 415, "needs Content-Type application/json"),
+    ("POST", "/api/sample", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+    ("POST", "/api/score", {"Content-Type": "multipart/form-data; boundary=x"}, 415,
+     "needs Content-Type application/json or image/* or application/octet-stream, got 'multipart/form-data'"),
+    ("POST", "/api/score?test_index=0", {"Content-Type": "text/plain"}, 415, "got 'text/plain'"),
+    ("POST", "/api/sample", {"Origin": "http://evil.example"}, 403, "cross-origin request from 'http://evil"),
+    ("POST", "/api/sample", {"Origin": "null"}, 403, "cross-origin request from 'null'"),
+    ("GET", "/api/card", {"Host": "rebound.example:{port}"}, 403, "is not this server's address"),
+    ("GET", "/api/card", {"Host": "127.0.0.1:1"}, 403, "is not this server's address"),
+])
+def test_other_web_pages_cannot_start_jobs_or_read_the_api(server: DemoServer, method: str, path: str,
+                                                           headers: dict[str, str], status: int,
+                                                           message: str) -> None:
+    port = server.server_address[1]
+    headers = {name: value.format(port=port) for name, value in headers.items()}
+    before = server.app._next_id
+    body = json.dumps({"classes": "0", "count": 1}).encode() if method == "POST" else None
+    got, _, data = request(server, method, path, body, {"Content-Type": "application/json", **headers})
+    assert got == status and message in json.loads(data)["error"]
+    assert server.app._next_id == before  # nothing was sampled
+    # The same request from the page itself (its own origin, under either loopback name) is served.
+    for name in ("127.0.0.1", "localhost"):
+        own = {"Host": f"{name}:{port}", "Origin": f"http://{name}:{port}"}
+        assert request(server, "GET", "/api/card", None, own)[0] == 200
+
+
+def test_host_names_follow_the_bound_address(server: DemoServer) -> None:
+    port = server.server_address[1]
+    assert server.host_allowed(f"LOCALHOST:{port}") and server.host_allowed(f"[::1]:{port}")
+    assert not server.host_allowed("127.0.0.1") and not server.host_allowed(f"127.0.0.1:{port}x")
+    everywhere = make_server(server.app, "0.0.0.0", 0, quiet=True)
+    try:  # bound to every interface: any address and this machine's names, never another DNS name
+        other = everywhere.server_address[1]
+        assert everywhere.host_allowed(f"10.1.2.3:{other}") and everywhere.host_allowed(f"localhost:{other}")
+        assert not everywhere.host_allowed(f"rebound.example:{other}")
+    finally:
+        everywhere.server_close()
+
+
+def test_a_stalled_connection_is_closed_and_deep_json_is_a_400(server: DemoServer) -> None:
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1")  # headers never finished
+        assert sock.recv(1024) == b""  # closed by the server after LIMITS.socket_timeout_s, not held
+    status, body = api(server, "POST", "/api/sample", body=b"[" * 30_000 + b"]" * 30_000)
+    assert status == 400 and body["error"] == "the JSON body is nested 30,000 deep; the limit is 8"
+    assert json_depth('{"classes": "[[[[[[[[[[", "a": [{"b": "]"}]}') == 3  # brackets in strings do not count
+
+
+def test_classes_are_checked_arithmetically_with_short_messages(server: DemoServer, tiny_checkpoint: Path,
+                                                                capsys, tmp_path) -> None:
+    with pytest.raises(ValueError) as err:
+        parse_classes("0-99999999999", 10)  # expanding it first would need ~800 GB
+    assert len(str(err.value)) < 100
+    with pytest.raises(ValueError, match=r"'xxxxx.*\.\.\. \(10,000 characters\)") as err:
+        parse_classes("x" * 10_000, 10)
+    assert len(str(err.value)) < 200
+    assert main(["sample", "--checkpoint", str(tiny_checkpoint), "--classes", "0-100000"]) == 2
+    assert len(capsys.readouterr().err) < 200
+    assert parse_classes("Sandal, sneaker,0", 10, ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                                   "Shirt", "Sneaker", "Bag", "Ankle boot"]) == [5, 7, 0]
+    status, result = api(server, "POST", "/api/sample", {"classes": "three,Nine", "count": 1, "cfg": "none"})
+    assert status == 200 and result["labels"] == [3, 9]
+    npz = tmp_path / "named.npz"  # the CLI reads the names from the checkpoint's config.json too
+    assert main(["sample", "--checkpoint", str(tiny_checkpoint), "--classes", "three,Nine", "--n", "2",
+                 "--npz", str(npz)]) == 0
+    with np.load(npz) as data:
+        assert data["labels"].tolist() == [3, 9]
+
+
+def test_no_classes_with_guidance_on_samples_unguided(server: DemoServer) -> None:
+    status, guided = api(server, "POST", "/api/sample", {"classes": "", "count": 4, "cfg": "resampling", "seed": 2})
+    assert status == 200 and guided["cfg"] == "none" and guided["labels"] == []
+    _, plain = api(server, "POST", "/api/sample", {"classes": "", "count": 4, "cfg": "none", "seed": 2})
+    assert request(server, "GET", guided["npz"])[2] == request(server, "GET", plain["npz"])[2]
+
+
+def test_every_score_comes_with_the_test_sets_reference(server: DemoServer, tmp_path) -> None:
+    status, scored = api(server, "POST", "/api/score", body=png(np.full((8, 8), 255, np.uint8)))
+    assert status == 200 and scored["reference"] == "test images average 3.50 bits/dim"
+    gap = scored["bpd_unconditional"] - 3.5
+    assert scored["verdict"] == f"{abs(gap):.2f} bits/dim {'above' if gap > 0 else 'below'} the test-set mean (3.50)"
+    assert scored["best_class_name"] == NAMES[scored["best_class"]]
+    with_ood = ScoreReference(1.98, "fashion-mnist", 5.35)
+    assert with_ood.compare(5.97).startswith("unlike the training data: nearer the fashion-mnist mean (5.35)")
+    assert with_ood.compare(2.5) == "0.52 bits/dim above the test-set mean (1.98)"
+    server.app.model.save_pretrained(tmp_path)  # no metrics.json: no reference, said so
+    bare = DemoApp.load(tmp_path, limits=LIMITS)
+    assert bare.score(bare.decode_upload(png(np.zeros((8, 8), np.uint8)), False))["reference"].startswith(
+        "no reference range")
+    assert _checkpoint_name(SHIPPED_DIR / "mnist") == _checkpoint_name(Path("mnist")) == "shipped model mnist"
+    assert _checkpoint_name(tmp_path) == str(tmp_path)
+
+
 # The page in a real browser -------------------------------------------------------------------------------
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -261,7 +368,7 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         options.add_argument(flag)
     # Explicit browser and driver paths: Selenium Manager never runs, so nothing is downloaded.
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -283,7 +390,12 @@ def test_page_samples_and_scores_in_headless_chromium(browser, mnist_server: Dem
     browser.get(mnist_server.url)
     wait.until(lambda d: d.find_element(By.ID, "card").text)  # the model card loaded
     shipped_bpd = json.loads((shipped_checkpoint() / "metrics.json").read_text())["test_bits_per_dim"]
-    assert f"test bits/dim {shipped_bpd:.3f}" in browser.find_element(By.ID, "card").text
+    card_text = browser.find_element(By.ID, "card").text
+    assert f"test bits/dim {shipped_bpd:.3f}" in card_text and "checkpoint shipped model mnist" in card_text
+    stored = json.loads((shipped_checkpoint() / "config.json").read_text())
+    # The shipped model is a distilled one: its teacher's whole --init-from chain, then the distillation steps.
+    chain = f"{stored['pretrained_steps']:,} steps of batch 64; inverse distilled for {stored['step']} steps"
+    assert chain in card_text
     for element, value in (("classes", "3"), ("count", "3"), ("guidance", "1.5"), ("seed", "5")):
         field = browser.find_element(By.ID, element)
         field.clear()
@@ -306,4 +418,26 @@ def test_page_samples_and_scores_in_headless_chromium(browser, mnist_server: Dem
     wait.until(lambda d: table.get_attribute("data-bpd"))
     assert float(table.get_attribute("data-bpd")) > 0
     assert "bits/dim, no class" in table.text and "most likely class" in table.text
+    assert "test images average 1.98 bits/dim" in table.text and "compared with the test set" in table.text
     assert browser.find_element(By.ID, "score-error").text == ""
+
+
+def test_a_full_grid_leaves_the_model_card_in_a_1400_px_window(browser, mnist_server: DemoServer) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(mnist_server.url)
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "card").text)
+    # The grid of the largest request (10 rows of 10 28-pixel tiles, 2-pixel gaps, 2× PNG), shown as the page
+    # shows a result, without sampling it.
+    side = (10 * 30 + 2) * 2
+    tile = "data:image/png;base64," + base64.b64encode(png(np.zeros((side, side), np.uint8))).decode()
+    # A checkpoint path too long for the column must wrap, not widen it.
+    browser.execute_script("fillTable($('card'), [['checkpoint', '/a-long-directory-name'.repeat(12)], ...card.rows])")
+    browser.execute_async_script("showGrid(arguments[0]).then(arguments[1])", {
+        "id": 1, "tiles": 100, "rows": 10, "cols": 10, "width": side, "height": side, "seconds": 1.0, "png": tile,
+        "npz": "", "cfg": "resampling"})
+    # Nothing sticks out to the right: no horizontal scrolling, the card's table inside the window.
+    width, scroll, right = browser.execute_script(
+        "return [window.innerWidth, document.documentElement.scrollWidth, $('card').getBoundingClientRect().right]")
+    assert width == 1400 and scroll <= width and right <= width

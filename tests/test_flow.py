@@ -164,6 +164,23 @@ def test_jacobi_inverse_converges_to_the_sequential_inverse(group_size: int | No
         assert sweeps == [n - 1] * config.flow_blocks
 
 
+def test_jacobi_stops_at_the_fp32_noise_floor_of_large_values() -> None:
+    """At |x| ~ 1e3 fp32 rounding leaves sweep-to-sweep changes far above an absolute 1e-9, which the iteration
+    never meets: it must stop where the change stops shrinking (or falls below rtol · max|x|), not run every
+    sweep, and still be the sequential inverse to fp32 accuracy relative to the values."""
+    config = small_config(flow_blocks=2)
+    flow = random_flow(config, std=0.02)
+    z, _ = flow(random_tokens(config) * 1e3)
+    exact = flow.inverse(z)
+    limit = config.num_tokens - 1
+    stalled, stalled_sweeps = flow.jacobi_inverse(z, tol=1e-9, rtol=0)  # only the stagnation test can stop it
+    relative, relative_sweeps = flow.jacobi_inverse(z, tol=1e-9)
+    assert all(s < limit - 3 for s in stalled_sweeps), stalled_sweeps
+    assert all(r <= s for r, s in zip(relative_sweeps, stalled_sweeps, strict=True))
+    for x in (stalled, relative):
+        assert (x - exact).abs().max() <= 1e-6 * exact.abs().max()
+
+
 def test_jacobi_stops_early_only_at_its_tolerance() -> None:
     config = small_config(flow_blocks=1)
     flow = random_flow(config, std=0.05)

@@ -111,12 +111,124 @@ def test_log_prob_broadcasts_leading_sample_dims() -> None:
     torch.testing.assert_close(lp, torch.stack([mix.log_prob(zs) for zs in z]))
 
 
-def test_log_prob_chunked_path_equals_direct(monkeypatch: pytest.MonkeyPatch) -> None:
-    mix = random_mixture((3,), k=4, d=5)
-    z = torch.randn(11, 3, 5)
-    direct = mix.log_prob(z)
-    monkeypatch.setattr(mixture_module, "_LOG_PROB_CHUNK_ELEMENTS", 100)  # forces chunks of 1-2 rows
-    torch.testing.assert_close(mix.log_prob(z), direct)
+def direct_log_prob(mix: DiagonalMixture, z: torch.Tensor) -> torch.Tensor:
+    """Reference: log p(z) through the (…, K, D) tensor of differences, as the definition reads."""
+    offset = torch.log_softmax(mix.logits, -1) - mix.scales.log().sum(-1) - 0.5 * mix.dim * math.log(2 * math.pi)
+    squares = ((z.to(mix.means.dtype).unsqueeze(-2) - mix.means) / mix.scales).square().sum(-1)
+    return torch.logsumexp(offset - 0.5 * squares, dim=-1)
+
+
+def as_double(mix: DiagonalMixture) -> DiagonalMixture:
+    return DiagonalMixture(mix.logits.double(), mix.means.double(), mix.scales.double())
+
+
+# (batch shape of the mixture, shape of z): the shared redundant mixture (tokens on a leading sample dim), the
+# same laid out as mix[:, None], a guidance pool against a cond/null pair, and per-token mixtures.
+SHAPES = {
+    "shared": ((3,), (7, 3)),
+    "shared_as_batch": ((3, 1), (3, 7)),
+    "pool": ((2, 3), (5, 1, 3)),
+    "per_token": ((3, 7), (3, 7)),
+}
+
+
+def tight_mixture(batch: tuple[int, ...], k: int, d: int, z_shape: tuple[int, ...], seed: int = 0
+                  ) -> tuple[DiagonalMixture, torch.Tensor]:
+    """Spread means with stds in [1e-3, 2e-3) (the head's floor, FarmerConfig.min_mixture_scale), and values
+    within a few stds of one of the components: where Σ z²/σ² and Σ μ²/σ² are ~1e6 · D and cancel."""
+    g = torch.Generator().manual_seed(seed)
+    mix = DiagonalMixture(torch.randn(*batch, k, generator=g), torch.randn(*batch, k, d, generator=g) * 3,
+                          1e-3 * (1 + torch.rand(*batch, k, d, generator=g)))
+    shape = torch.broadcast_shapes(z_shape, batch)
+    pick = torch.randint(k, shape, generator=g)[..., None, None].expand(*shape, 1, d)
+    near = lambda t: t.expand(*shape, k, d).gather(-2, pick).squeeze(-2)  # noqa: E731
+    z = near(mix.means) + near(mix.scales) * torch.randn(*shape, d, generator=g) * 2
+    # Where z has a size-1 dim against a mixture dim (a pool scored under a cond/null pair), keep the first.
+    return mix, z[tuple(slice(0, 1) if size == 1 else slice(None) for size in z_shape)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_log_prob_equals_direct_form_in_fp64(shape: str) -> None:
+    batch, z_shape = SHAPES[shape]
+    mix = as_double(random_mixture(batch, k=5, d=6))
+    z = torch.randn(*z_shape, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    lp = mix.log_prob(z)
+    assert lp.dtype == torch.float64
+    torch.testing.assert_close(lp, direct_log_prob(mix, z), rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", ["shared", "pool", "per_token"])
+def test_log_prob_near_a_tight_component_in_fp32(shape: str) -> None:
+    # The expansion in fp32 would be off by ~100 nats here (Σ z²/σ² ≈ 1e9 at D = 640); formed in fp64 and
+    # rounded once, the fp32 result is as close to the exact value as fp32 allows.
+    batch, z_shape = SHAPES[shape]
+    mix, z = tight_mixture(batch, k=8, d=640, z_shape=z_shape)
+    expected = direct_log_prob(as_double(mix), z.double())
+    lp = mix.log_prob(z)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), expected, rtol=3e-7, atol=0)
+    squares = mixture_module._squared_distances(z, mix.means, mix.scales).double()
+    exact = mixture_module._squared_distances(z.double(), mix.means.double(), mix.scales.double())
+    torch.testing.assert_close(squares, exact, rtol=1.2e-7, atol=0)  # one fp32 rounding
+    assert exact.amin() < 10 * 640  # values within a few stds of a component, as intended
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_prob_far_from_every_component(dtype: torch.dtype) -> None:
+    mix = random_mixture((3,), k=5, d=16).tempered(std_scale=0.01)
+    mix = as_double(mix) if dtype == torch.float64 else mix
+    z = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2), dtype=dtype) * 1e3
+    lp = mix.log_prob(z)
+    assert torch.isfinite(lp).all() and lp.max() < -1e8
+    torch.testing.assert_close(lp.double(), direct_log_prob(as_double(mix), z.double()), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_log_prob_gradients_equal_direct_form_in_fp64(shape: str) -> None:
+    batch, z_shape = SHAPES[shape]
+    g = torch.Generator().manual_seed(3)
+    base = as_double(random_mixture(batch, k=4, d=5, seed=4))
+    params = [t.clone().requires_grad_() for t in (base.logits, base.means, base.scales)]
+    z = (torch.randn(*z_shape, 5, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    mix = DiagonalMixture(*params)
+    weights = torch.randn(torch.broadcast_shapes(z_shape, batch), generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((mix.log_prob(z) * weights).sum(), [z, *params])
+    expected = torch.autograd.grad((direct_log_prob(mix, z) * weights).sum(), [z, *params])
+    for name, got, want in zip(("z", "logits", "means", "scales"), grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_squared_distances_gradients_equal_direct_form_on_per_token_shapes() -> None:
+    # log_prob of per-token mixtures differences directly; the expansion must still hold on those shapes.
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 7, 6, generator=g, dtype=torch.float64).requires_grad_()
+    means = torch.randn(3, 7, 4, 6, generator=g, dtype=torch.float64).requires_grad_()
+    scales = (torch.rand(3, 7, 4, 6, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    weights = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    got = mixture_module._squared_distances(z, means, scales)
+    want = ((z.unsqueeze(-2) - means) / scales).square().sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-12)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), [z, means, scales]),
+                    torch.autograd.grad((want * weights).sum(), [z, means, scales]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize(("shape", "expanded"), [("shared", True), ("pool", True), ("per_token", False)])
+def test_log_prob_expands_only_where_values_broadcast_over_mixtures(
+        shape: str, expanded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The memory fix itself: a mixture shared by many values must not go through (values, K, D) differences.
+    calls = []
+    original = mixture_module._squared_distances
+    monkeypatch.setattr(mixture_module, "_squared_distances", lambda *a: calls.append(1) or original(*a))
+    batch, z_shape = SHAPES[shape]
+    random_mixture(batch, k=2, d=3).log_prob(torch.zeros(*z_shape, 3))
+    assert bool(calls) == expanded
+
+
+def test_fp64_parameters_keep_the_mixture_in_fp64() -> None:
+    mix = DiagonalMixture(torch.zeros(2), torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3))
+    assert mix.logits.dtype == mix.means.dtype == mix.scales.dtype == torch.float64
+    assert mix.log_prob(torch.zeros(4, 3)).dtype == torch.float64
 
 
 def test_log_prob_of_tokens_sharing_one_mixture() -> None:

@@ -24,9 +24,9 @@ def test_patchify_round_trip_and_layout() -> None:
 @pytest.mark.parametrize("changes", [
     {}, {"final_permute": False}, {"condition_repeat": 1}, {"informative_channels": None},
     {"prior": "normal"}, {"num_classes": 0},
-    {"patch_transform": "dct", "channel_mixing": True, "redundant_mixture": "per_token"},
+    {"patch_transform": "dct", "channel_mixing": True, "redundant_mixture": "per_token"}, {"logit_alpha": 0.05},
 ], ids=["default", "no-final-permute", "no-repeat", "no-dim-reduction", "normal-prior", "unconditional",
-        "dct-mixing-per-token"])
+        "dct-mixing-per-token", "logit"])
 def test_log_prob_matches_decoded_latents_and_sampling_inverts(changes: dict) -> None:
     config = small_config(**changes)
     model = random_model(config)
@@ -45,7 +45,9 @@ def test_log_prob_matches_decoded_latents_and_sampling_inverts(changes: dict) ->
 @pytest.mark.parametrize("changes", [
     {}, {"final_permute": False}, {"prior": "normal"}, {"num_classes": 0},
     {"channel_mixing": True, "redundant_mixture": "per_token"}, {"informative_channels": None},
-], ids=["default", "no-final-permute", "normal-prior", "unconditional", "mixing-per-token", "no-dim-reduction"])
+    {"logit_alpha": 1e-6, "patch_transform": "dct"},
+], ids=["default", "no-final-permute", "normal-prior", "unconditional", "mixing-per-token", "no-dim-reduction",
+        "logit-dct"])
 def test_log_prob_terms_add_up_to_log_prob(changes: dict) -> None:
     config = small_config(**changes)
     model = random_model(config)

@@ -20,7 +20,7 @@ def test_jsonl_needs_no_mirror_and_a_missing_tensorboard_names_the_extra(tmp_pat
 
 def test_tensorboard_mirrors_scalars_and_sample_grids(tmp_path) -> None:
     if importlib.util.find_spec("tensorboard") is None:
-        pytest.skip("tensorboard is not installed (pip install 'farmer[tensorboard]')")
+        pytest.skip("tensorboard is not installed (pip install 'farmer-flow[tensorboard]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     grid = tmp_path / "grid.png"

@@ -21,7 +21,15 @@ import torch
 from safetensors.torch import load_file
 
 import farmer.train as trainer
-from farmer.checkpoint import OPTIMIZER, TRAINER, load_model, save_checkpoint
+from farmer.checkpoint import (
+    OPTIMIZER,
+    SHARDED_STATE,
+    TRAINER,
+    is_sharded_checkpoint,
+    load_model,
+    load_sharded_weights,
+    save_checkpoint,
+)
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
 from farmer.pretrained import CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS, read_config, resolve_checkpoint
@@ -249,13 +257,13 @@ def logging_then_sigterm(self, done, *args):
 
 
 trainer._Session._log_step = logging_then_sigterm
-for stop_at in spec["stops"]:
+for out, stop_at in [(spec["out"], stop) for stop in spec["stops"]] + spec["then"]:
     try:
         trainer.train(FarmerConfig.from_dict(spec["model"]), trainer.TrainConfig.from_dict(spec["train"]),
-                      spec["out"], device="cpu", progress=False, log=lambda _: None, stop_at=stop_at)
+                      out, device="cpu", progress=False, log=lambda _: None, stop_at=stop_at)
     except trainer.TrainingInterrupted as stopped:
         print(f"rank {dist.get_rank()}: {stopped}", flush=True)
-model, ema = captured[-2:]
+model, ema = captured[-2:] if spec["capture"] else ({}, {})
 if model:  # FSDP gathers full state on rank 0 only
     tensors = {**{"model." + k: v for k, v in model.items()}, **{"ema." + k: v for k, v in ema.items()}}
     save_file({k: v.contiguous() for k, v in tensors.items()}, f"{spec['out']}/rank{dist.get_rank()}.safetensors")
@@ -280,13 +288,17 @@ def free_port() -> int:
 
 
 def torchrun(tmp_path: Path, cfg: TrainConfig, stops: list[int | None],
-             sigterm: dict[str, int] | None = None) -> tuple[Path, str]:
-    """Two CPU processes (gloo) training ``cfg`` into tmp_path/run; returns the run dir and their output."""
+             sigterm: dict[str, int] | None = None, capture: bool = True,
+             then: list[tuple[str, int | None]] = ()) -> tuple[Path, str]:
+    """Two CPU processes (gloo) training ``cfg`` into tmp_path/run; returns the run dir and their output.
+    ``capture``: each rank writes the full model and EMA state of its last full save (rank{r}.safetensors).
+    ``then``: afterwards, in the same processes, train into tmp_path/NAME up to each (NAME, stop_at)."""
     out = tmp_path / "run"
     driver, spec = tmp_path / "driver.py", tmp_path / "spec.json"
     driver.write_text(DRIVER)
     spec.write_text(json.dumps({"model": DIST_MODEL.to_dict(), "train": cfg.to_dict(), "out": str(out),
-                                "stops": stops, "sigterm": sigterm}))
+                                "stops": stops, "sigterm": sigterm, "capture": capture,
+                                "then": [(str(tmp_path / name), stop) for name, stop in then]}))
     env = {
         k: v
         for k, v in os.environ.items()
@@ -373,7 +385,8 @@ def test_ddp_two_processes_agree_with_each_other_and_with_one_process(tmp_path: 
 
 def test_fsdp_trains_saves_a_plain_checkpoint_and_resumes(tmp_path: Path, single_process: Path) -> None:
     # Stop at step 2 and resume: evaluation at step 3 (then training goes on) and at the end, with samples.
-    out, _ = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp", eval_every=3), stops=[2, None])
+    out, _ = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp", checkpoint_format="full", eval_every=3),
+                      stops=[2, None])
     model = load_model(out, ema=False)  # a plain, unsharded Farmer
     ema = load_model(out)
     weights = {
@@ -385,6 +398,59 @@ def test_fsdp_trains_saves_a_plain_checkpoint_and_resumes(tmp_path: Path, single
     assert_matches_single_process(weights, out, single_process)
     assert logged_losses(out) == pytest.approx(logged_losses(single_process), rel=1e-5)
     assert (out / f"samples/step-{DIST_STEPS:08d}.png").is_file()
+
+
+def test_fsdp_sharded_checkpoints_resume_exactly_and_load_as_a_plain_model(tmp_path: Path) -> None:
+    # Each rank writes its own shards; stopping at step 2 and resuming must end where an uninterrupted run ends.
+    cfg = replace(DIST_CFG, sharding="fsdp", checkpoint_format="sharded", eval_every=3)
+    resumed, _ = torchrun(tmp_path, cfg, stops=[2, None], capture=False, then=[("straight", None), ("half", 2)])
+    straight = tmp_path / "straight"
+    final = resumed / f"step-{DIST_STEPS:08d}"
+    assert is_sharded_checkpoint(final) and not (final / MODEL_WEIGHTS).exists()
+    assert not (final / OPTIMIZER).exists()
+    assert {p.name for p in (final / SHARDED_STATE).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    for ema in (False, True):
+        ours, reference = load_sharded_weights(resumed, ema=ema), load_sharded_weights(straight, ema=ema)
+        assert ours.keys() == reference.keys()
+        for key, value in reference.items():
+            assert torch.equal(ours[key], value), f"{'ema' if ema else 'model'} {key} differs after the resume"
+    assert logged_losses(resumed) == logged_losses(straight)
+    # One process resumes the 2 processes' shards (its data noise differs, as in the tests above: DIST_ATOL).
+    run(DIST_MODEL, cfg, tmp_path / "half")
+    alone = load_model(tmp_path / "half", ema=False).state_dict()
+    torch.manual_seed(DIST_CFG.seed)
+    initial = Farmer(DIST_MODEL).state_dict()
+    reference = load_sharded_weights(straight)
+    assert max((reference[k] - initial[k]).abs().max().item() for k in reference) > 100 * DIST_ATOL
+    assert max((alone[k] - v).abs().max().item() for k, v in reference.items()) < DIST_ATOL
+    # A plain model comes out of the run directory: its EMA weights, the same as the shards hold.
+    model = Farmer.from_pretrained(resumed)
+    for key, value in load_sharded_weights(resumed, ema=True).items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="sharded training checkpoint"):
+        load_model(resumed, ema=False)
+    from farmer.cli import main
+
+    assert main(["sample", "--checkpoint", str(resumed), "--n", "4", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_saves_and_evaluations_by_the_clock_are_extra_points_of_an_exact_run(uninterrupted: Path,
+                                                                             tmp_path: Path) -> None:
+    # A clock that is always due: a save and a test evaluation at every (logging) step.
+    cfg = replace(RESUME_CFG, save_every_minutes=1e-9, eval_every_minutes=1e-9)
+    run(TINY, cfg, tmp_path, stop_at=4)
+    assert step_dirs(tmp_path) == ["step-00000003", "step-00000004"]
+    run(TINY, cfg, tmp_path)
+    assert step_dirs(tmp_path) == ["step-00000007", "step-00000008"]
+    final = "step-00000008"
+    for name in (MODEL_WEIGHTS, EMA_WEIGHTS, OPTIMIZER):
+        ours, reference = load_file(tmp_path / final / name), load_file(uninterrupted / final / name)
+        assert all(torch.equal(ours[k], v) for k, v in reference.items()), name
+    assert json.loads((tmp_path / final / TRAINER).read_text()) == json.loads(
+        (uninterrupted / final / TRAINER).read_text())
+    evaluated = [r["step"] for r in metric_records(tmp_path) if "test_bpd" in r]
+    assert evaluated == list(range(1, 9))
 
 
 # Data order ----------------------------------------------------------------------------------------------------

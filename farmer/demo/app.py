@@ -25,12 +25,12 @@ from torch.utils.data import Dataset
 
 from farmer.checkpoint import load_model
 from farmer.data import dequantize, make_dataset, model_to_pixels
-from farmer.demo.card import Limits, available_inverses, model_card
+from farmer.demo.card import NO_REFERENCE, Limits, available_inverses, checkpoint_reference, model_card
 from farmer.images import ImageTooLarge, load_image, make_grid
 from farmer.metrics import bits_per_dim
 from farmer.model import Farmer
-from farmer.pretrained import read_config
-from farmer.sampling import SamplingOptions, batch_generator, make_guidance, parse_classes
+from farmer.pretrained import read_config, read_id2label
+from farmer.sampling import DEFAULT_SAMPLING, SamplingOptions, batch_generator, make_guidance, parse_classes
 
 CFG_METHODS = ("resampling", "naive", "none")
 SAMPLE_FIELDS = ("classes", "count", "guidance", "cfg", "variance_scale", "temperature", "inverse", "seed")
@@ -57,7 +57,7 @@ class SampleRequest:
     cfg: str = "resampling"
     variance_scale: float = 1.0
     temperature: float = 1.0
-    inverse: str = "exact"
+    inverse: str = DEFAULT_SAMPLING.inverse  # the library's default, as `farmer sample` uses
     seed: int = 0
 
 
@@ -86,8 +86,11 @@ def _choice(data: dict[str, Any], name: str, default: str, choices: tuple[str, .
     return value
 
 
-def parse_sample_request(data: Any, model: Farmer, limits: Limits) -> tuple[SampleRequest, list[int]]:
-    """A JSON object from the page -> (request, class list), or ApiError(400) naming the bad field."""
+def parse_sample_request(data: Any, model: Farmer, limits: Limits,
+                         names: list[str] | None = None) -> tuple[SampleRequest, list[int]]:
+    """A JSON object from the page -> (request, class list), or ApiError(400) naming the bad field. ``names``:
+    the model's class names, which "classes" may use. No classes means unconditional sampling, so the request
+    then comes back with cfg "none" whatever it asked for: guidance contrasts a class with the null class."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(data) - set(SAMPLE_FIELDS))
@@ -100,14 +103,15 @@ def parse_sample_request(data: Any, model: Farmer, limits: Limits) -> tuple[Samp
     if text.strip() and not cfg.conditional:
         raise ApiError(400, "this model is unconditional: leave classes empty")
     try:
-        classes = parse_classes(text, cfg.num_classes) if text.strip() else []
+        classes = parse_classes(text, cfg.num_classes, names) if text.strip() else []
     except ValueError as err:
         raise ApiError(400, str(err).replace("--classes", "classes")) from None
+    method = _choice(data, "cfg", SampleRequest.cfg, CFG_METHODS)
     request = SampleRequest(
         classes=text,
         count=_integer(data, "count", SampleRequest.count, 1, limits.max_images),
         guidance=_number(data, "guidance", SampleRequest.guidance, 0.0, limits.max_guidance),
-        cfg=_choice(data, "cfg", SampleRequest.cfg, CFG_METHODS),
+        cfg=method if classes else "none",
         variance_scale=_number(data, "variance_scale", SampleRequest.variance_scale, 1e-3, limits.max_scale),
         temperature=_number(data, "temperature", SampleRequest.temperature, 1e-3, limits.max_scale),
         inverse=_choice(data, "inverse", SampleRequest.inverse, available_inverses(model)),
@@ -117,8 +121,6 @@ def parse_sample_request(data: Any, model: Farmer, limits: Limits) -> tuple[Samp
     if total > limits.max_images:
         raise ApiError(400, f"{total} images requested ({len(classes)} classes × {request.count}); "
                             f"the limit is {limits.max_images}")
-    if request.cfg != "none" and not classes:
-        raise ApiError(400, "guidance needs at least one class; pick classes or set cfg to none")
     return request, classes
 
 
@@ -170,6 +172,8 @@ class DemoApp:
         self.checkpoint = checkpoint
         self.limits = limits or Limits()
         self.card = model_card(model, checkpoint, self.limits)
+        self.reference = checkpoint_reference(checkpoint)
+        self.class_names = read_id2label(checkpoint)
         self._busy = threading.Lock()
         self._progress = Progress()
         self._results: OrderedDict[int, dict[str, bytes]] = OrderedDict()
@@ -203,7 +207,7 @@ class DemoApp:
     # Sampling -----------------------------------------------------------------------------------------
     def sample(self, data: Any) -> dict[str, Any]:
         """Draw the requested grid; returns its layout and the URLs of its PNG and .npz."""
-        request, classes = parse_sample_request(data, self.model, self.limits)
+        request, classes = parse_sample_request(data, self.model, self.limits, self.class_names)
         if classes:
             labels: Tensor | None = torch.tensor(classes).repeat_interleave(request.count)
             cols = request.count
@@ -228,7 +232,7 @@ class DemoApp:
         return {"id": result_id, "tiles": n, "rows": math.ceil(n / cols), "cols": cols,
                 "width": grid.shape[1] * scale, "height": grid.shape[0] * scale, "seconds": round(seconds, 3),
                 "png": f"/api/result/{result_id}.png", "npz": f"/api/result/{result_id}.npz",
-                "labels": [] if labels is None else labels.tolist()}
+                "labels": [] if labels is None else labels.tolist(), "cfg": request.cfg}
 
     def _store(self, files: dict[str, bytes]) -> int:
         with self._results_lock:
@@ -254,7 +258,9 @@ class DemoApp:
         if not body:
             raise ApiError(400, "no image in the request body")
         try:
-            pixels = load_image(io.BytesIO(body), cfg.channels, cfg.image_size, self.limits.max_upload_pixels)[None]
+            # A dark drawing on a transparent background is composited onto white before the inversion.
+            pixels = load_image(io.BytesIO(body), cfg.channels, cfg.image_size, self.limits.max_upload_pixels,
+                                background=255 if invert else None)[None]
         except (ImageTooLarge, Image.DecompressionBombError) as err:
             raise ApiError(413, str(err)) from None
         except OSError:  # not an image, or a truncated one
@@ -294,8 +300,11 @@ class DemoApp:
             if cfg.conditional:
                 classes = torch.arange(cfg.num_classes, device=x.device)
                 conditional = self.model.log_prob(x.expand(cfg.num_classes, -1, -1, -1), classes)
+        bpd_unconditional = bits_per_dim(-unconditional, cfg.num_dims).item()
         result: dict[str, Any] = {
-            "bpd_unconditional": bits_per_dim(-unconditional, cfg.num_dims).item(),
+            "bpd_unconditional": bpd_unconditional,
+            "reference": self.reference.describe() if self.reference else NO_REFERENCE,
+            "verdict": self.reference.compare(bpd_unconditional) if self.reference else "",
             "image": "data:image/png;base64," + base64.b64encode(
                 png_bytes(pixels[0].permute(1, 2, 0).numpy())).decode(),
         }
@@ -303,5 +312,6 @@ class DemoApp:
             bpd = bits_per_dim(-conditional, cfg.num_dims)
             best = int(conditional.argmax())
             result.update(bpd_by_class=bpd.tolist(), posterior=torch.softmax(conditional, 0).tolist(),
-                          best_class=best, bpd_conditional=bpd[best].item())
+                          best_class=best, bpd_conditional=bpd[best].item(),
+                          best_class_name=self.class_names[best] if self.class_names else str(best))
         return result

@@ -15,7 +15,9 @@ from torch import nn
 
 from farmer.io import count_parameters
 from farmer.model import Farmer
-from farmer.pretrained import read_config, resolve_checkpoint
+from farmer.pretrained import SHIPPED_DIR, locate_checkpoint, read_config, read_id2label, resolve_checkpoint
+
+NO_REFERENCE = "no reference range (the checkpoint has no metrics.json with test bits/dim)"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Limits:
     max_json_bytes: int = 64 * 2**10
     max_guidance: float = 20.0
     max_scale: float = 10.0  # s and T
+    socket_timeout_s: float = 30.0  # a connection idle this long (e.g. headers never finished) is closed
 
 
 def available_inverses(model: Farmer) -> tuple[str, ...]:
@@ -58,15 +61,77 @@ def _optional_json(directories: list[Path], name: str) -> dict[str, Any]:
     return {}
 
 
+@dataclass(frozen=True)
+class ScoreReference:
+    """What an image's bits/dim is compared with: the test set's mean (metrics.json ``test_bits_per_dim``) and,
+    when the checkpoint was evaluated for out-of-distribution detection, the other data set's mean."""
+
+    test_mean: float
+    ood_data: str | None = None
+    ood_mean: float | None = None
+
+    def describe(self) -> str:
+        other = f"; {self.ood_data} images {self.ood_mean:.2f}" if self.ood_mean is not None else ""
+        return f"test images average {self.test_mean:.2f} bits/dim{other}"
+
+    def compare(self, bpd: float) -> str:
+        """Where one score lies: nearer the test set's mean or the other data set's, else how far off it is."""
+        gap = bpd - self.test_mean
+        if self.ood_mean is not None and abs(bpd - self.ood_mean) < abs(gap):
+            return (f"unlike the training data: nearer the {self.ood_data} mean ({self.ood_mean:.2f}) than the "
+                    f"test-set mean ({self.test_mean:.2f})")
+        side = "above" if gap > 0 else "below"
+        return f"{abs(gap):.2f} bits/dim {side} the test-set mean ({self.test_mean:.2f})"
+
+
+def score_reference(metrics: dict[str, Any]) -> ScoreReference | None:
+    """The test set's mean bits/dim from metrics.json, with the OOD evaluation's other set when recorded."""
+    test = metrics.get("test_bits_per_dim")
+    if isinstance(test, bool) or not isinstance(test, float | int):
+        return None
+    evaluations = metrics.get("evaluations")
+    ood = evaluations.get("ood") if isinstance(evaluations, dict) else None
+    try:
+        return ScoreReference(float(test), str(ood["ood_data"]), float(ood["scores"]["bits_per_dim"]["mean_ood"]))
+    except (KeyError, TypeError, ValueError):  # no OOD evaluation, or a foreign one
+        return ScoreReference(float(test))
+
+
+def _metrics_places(checkpoint: Path) -> list[Path]:
+    """Where a checkpoint's metrics.json and provenance.json may be: beside the run or the step."""
+    return [checkpoint, resolve_checkpoint(checkpoint)]
+
+
+def checkpoint_reference(checkpoint: Path) -> ScoreReference | None:
+    return score_reference(_optional_json(_metrics_places(checkpoint), "metrics.json"))
+
+
+def _classes(num_classes: int, names: list[str] | None) -> str:
+    """'10, class-conditional', with the names when they are more than the indices."""
+    if names is None or names == [str(index) for index in range(num_classes)]:
+        return f"{num_classes}, class-conditional"
+    shown = ", ".join(f"{index} {name}" for index, name in enumerate(names[:20]))
+    return f"{num_classes}, class-conditional: {shown}" + (", ..." if num_classes > 20 else "")
+
+
+def _checkpoint_name(checkpoint: Path) -> str:
+    """'shipped model mnist' for a model shipped in the package, else the path as given."""
+    if locate_checkpoint(checkpoint).resolve().parent == SHIPPED_DIR.resolve():
+        return f"shipped model {checkpoint.name}"
+    return str(checkpoint)
+
+
 def _training(stored: dict[str, Any], provenance: dict[str, Any]) -> str:
-    """Steps and batch; ``pretrained_steps`` (the runs a checkpoint was initialised from, or a distilled model's
-    teacher) counted when recorded."""
+    """Steps and batch over the whole ``--init-from`` chain: ``pretrained_steps`` (the runs a checkpoint was
+    initialised from, or a distilled model's teacher) plus this run's ``step``, when recorded."""
     train = stored.get("train", {})
     step, batch = stored.get("step", "?"), train.get("batch_size", "?")
     earlier = stored.get("pretrained_steps")
     if train.get("objective") != "distill":
-        after = f", after {_count(earlier)} steps of the runs it started from (--init-from)" if earlier else ""
-        return f"{_count(step)} steps of batch {batch}{after}"
+        if earlier and isinstance(step, int) and isinstance(earlier, int):
+            return (f"{_count(earlier + step)} steps in all: {_count(step)} of batch {batch}, after "
+                    f"{_count(earlier)} in the runs it started from (--init-from)")
+        return f"{_count(step)} steps of batch {batch}"
     teacher = provenance.get("teacher", {})
     if earlier or "step" in teacher:
         teacher_batch = teacher.get("train", {}).get("batch_size", "?")
@@ -117,18 +182,19 @@ def model_card(model: Farmer, checkpoint: Path, limits: Limits) -> dict[str, Any
     cfg = model.config
     step_dir = resolve_checkpoint(checkpoint)
     stored = read_config(step_dir)
-    places = [checkpoint, step_dir]
+    places = _metrics_places(checkpoint)
     metrics, provenance = _optional_json(places, "metrics.json"), _optional_json(places, "provenance.json")
+    names = read_id2label(step_dir)
     parts = [f"flow {_millions(model.flow)}", f"AR prior {_millions(model.prior)}"]
     if model.student is not None:
         parts.append(f"distilled inverse {_millions(model.student)}")
     rows = [
-        ["checkpoint", str(checkpoint)],
+        ["checkpoint", _checkpoint_name(checkpoint)],
         ["preset", cfg.name],
         ["parameters", f"{_millions(model)} ({', '.join(parts)})"],
         ["images", f"{cfg.channels}×{cfg.image_size}×{cfg.image_size}: {cfg.num_tokens} tokens × "
                    f"{cfg.token_dim} channels ({cfg.informative_dim} informative)"],
-        ["classes", f"{cfg.num_classes}, class-conditional" if cfg.conditional else "unconditional"],
+        ["classes", _classes(cfg.num_classes, names) if cfg.conditional else "unconditional"],
         ["training data", str(stored.get("train", {}).get("data", "not recorded"))],
         ["training", _training(stored, provenance)],
     ]
@@ -136,10 +202,15 @@ def model_card(model: Farmer, checkpoint: Path, limits: Limits) -> dict[str, Any
     if test_bpd is not None:
         rows.append(["test bits/dim", test_bpd])
     rows += _sample_metrics(metrics)
+    reference = score_reference(metrics)
+    if reference is not None:
+        rows.append(["typical bits/dim", reference.describe()])
     return {
+        "reference": reference.describe() if reference else NO_REFERENCE,
         "rows": rows,
         "preset": cfg.name,
         "num_classes": cfg.num_classes,
+        "class_names": names or [str(index) for index in range(cfg.num_classes)],
         "image_size": cfg.image_size,
         "channels": cfg.channels,
         "num_tokens": cfg.num_tokens,

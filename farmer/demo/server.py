@@ -10,6 +10,12 @@
 
 Every error is a JSON object {"error": message} with a 4xx status (5xx only for a bug), never a
 traceback page; the traceback of a 500 goes to the server's stderr.
+
+Other web pages open in the user's browser must not start jobs or read results: a request is served only when
+its Host is the address the server is bound to (a DNS-rebinding page sends its own name), when its Origin, if
+any, is this server, and when a POST's Content-Type is one a cross-site form or a plain fetch cannot send
+(application/json; an upload's image/* or application/octet-stream), so the browser would have to ask first
+(a CORS preflight, which this server never grants).
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ from urllib.parse import parse_qs, urlsplit
 from farmer.demo.app import ApiError, DemoApp, Limits
 
 RESULT_PATH = re.compile(r"/api/result/(\d+)\.(png|npz)")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?")
+# What each POST takes (a prefix of the Content-Type): /api/score's uploads come with the image's own type.
+POST_TYPES = {"/api/sample": ("application/json",),
+              "/api/score": ("application/json", "image/", "application/octet-stream")}
+MAX_JSON_DEPTH = 8  # a sample request is one flat object; deeper nesting is refused before json.loads recurses
 ROUTES = {"/": ("GET",), "/api/card": ("GET",), "/api/status": ("GET",), "/api/sample": ("POST",),
           "/api/score": ("POST",)}
 # An oversized body is read and dropped up to this size so the client sees the 413 rather than a reset.
@@ -70,6 +83,15 @@ class DemoServer(ThreadingHTTPServer):
         self.quiet = quiet
         self.page = resources.files("farmer.demo").joinpath("page.html").read_bytes()
         super().__init__((host, port), DemoHandler)
+        self.host = host
+        self.host_names = bound_host_names(host)
+
+    def host_allowed(self, header: str) -> bool:
+        """Whether a request's Host header names this server: a name it is bound to, with its port."""
+        name, port = split_host(header.strip().lower())
+        if port != self.server_address[1] and not (port is None and self.server_address[1] == 80):
+            return False
+        return name in self.host_names or (self.host in WILDCARD_HOSTS and is_ip_literal(name))
 
     @property
     def url(self) -> str:
@@ -80,6 +102,12 @@ class DemoServer(ThreadingHTTPServer):
 class DemoHandler(BaseHTTPRequestHandler):
     server: DemoServer
     server_version = "farmer-demo"
+
+    def setup(self) -> None:
+        # Every read and write on the connection gives up after this long: a client that opens connections
+        # and never finishes its headers would otherwise hold one thread each for ever.
+        self.timeout = self.server.app.limits.socket_timeout_s
+        super().setup()
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -108,9 +136,25 @@ class DemoHandler(BaseHTTPRequestHandler):
             response = json_response({"error": f"internal error ({type(err).__name__}): {err}"}, 500)
         self._send(response)
 
+    def _check_sender(self, method: str, path: str) -> None:
+        """Refuse requests that another web page could have sent (see the module docstring)."""
+        host = self.headers.get("Host")
+        if host is None or not self.server.host_allowed(host):
+            raise ApiError(403, f"Host {_clip(host)} is not this server's address; open {self.server.url}")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower() != f"http://{host.strip().lower()}":
+            raise ApiError(403, f"cross-origin request from {_clip(origin)} refused")
+        if method == "POST":
+            content_type = self.headers.get_content_type() if "Content-Type" in self.headers else "none"
+            expected = POST_TYPES.get(path, ("application/json",))
+            if not content_type.startswith(expected):
+                wanted = " or ".join(kind + "*" if kind.endswith("/") else kind for kind in expected)
+                raise ApiError(415, f"POST {path} needs Content-Type {wanted}, got {_clip(content_type)}")
+
     def _route(self, method: str) -> Response:
         url = urlsplit(self.path)
         app = self.server.app
+        self._check_sender(method, url.path)
         result = RESULT_PATH.fullmatch(url.path)
         allowed = ("GET",) if result else ROUTES.get(url.path)
         if allowed is None:
@@ -169,8 +213,15 @@ class DemoHandler(BaseHTTPRequestHandler):
     def _json_body(self) -> Any:
         body = self._body(self.server.app.limits.max_json_bytes)
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
+            text = body.decode()
+        except UnicodeDecodeError as err:
+            raise ApiError(400, f"the body is not valid JSON: {err}") from None
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the JSON body is nested {depth:,} deep; the limit is {MAX_JSON_DEPTH}")
+        try:
+            return json.loads(text)
+        except ValueError as err:
             raise ApiError(400, f"the body is not valid JSON: {err}") from None
 
     def _send(self, response: Response) -> None:
@@ -186,9 +237,56 @@ class DemoHandler(BaseHTTPRequestHandler):
             self.wfile.write(response.body)
 
 
+def _clip(text: str | None, limit: int = 60) -> str:
+    """A header value for an error message: quoted, and short whatever the client sent."""
+    return repr(text) if text is None or len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in a JSON text, strings skipped: json.loads would recurse that deep."""
+    brackets = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+    depth = deepest = 0
+    for char in brackets:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def split_host(header: str) -> tuple[str, int | None]:
+    """'name:port', '[v6]:port' or a bare name -> (name, port or None); anything else -> (header, -1)."""
+    match = HOST_HEADER.fullmatch(header)
+    if match is None:
+        return header, -1
+    return match[1], None if match[2] is None else int(match[2])
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
+def bound_host_names(host: str) -> frozenset[str]:
+    """The names a request's Host may carry for a server bound to ``host``: that name, and the loopback names
+    when it is a loopback address. Bound to every interface, the loopback names and this machine's own names
+    (and any IP address: DemoServer.host_allowed); never another DNS name, which is what a DNS-rebinding page
+    would send."""
+    if host in WILDCARD_HOSTS:
+        return frozenset({*LOOPBACK_NAMES, socket.gethostname().lower(), socket.getfqdn().lower()})
+    names = {f"[{host}]".lower() if ":" in host else host.lower()}
+    if is_loopback(host):
+        names.update(LOOPBACK_NAMES)
+    return frozenset(names)
+
+
 def is_loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        return ipaddress.ip_address(host if is_ip_literal(host) else socket.gethostbyname(host)).is_loopback
     except (OSError, ValueError):
         return False
 
