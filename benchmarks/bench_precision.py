@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from benchmarks.common import Repeats, add_common_args, cpu_usage, resolve_device, save_benchmark, set_threads
-from farmer.checkpoint import load_model
 from farmer.classifier import classifier_metrics
-from farmer.data import dequantize, make_dataset
+from farmer.data import make_dataset
 from farmer.evaluation import balanced_labels, evaluate_bpd, generate
 from farmer.guidance import ResamplingGuidance
 from farmer.model import Farmer
+from farmer.pixels import dequantize
 from farmer.precision import PRECISIONS, autocast, autocast_dtype
 from farmer.sampling import SamplingOptions
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint).to(device).eval()
+    model = Farmer.from_pretrained(args.checkpoint).to(device).eval()
     test = make_dataset(args.data, "test", None, model.config.image_size)
     pixels = torch.stack([test[i][0] for i in range(args.round_trip_images)])
     rows = {}

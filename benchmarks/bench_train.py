@@ -16,7 +16,6 @@ and prints the training step's speed-up of each over the first.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import subprocess
@@ -52,7 +51,7 @@ from benchmarks.common import (
 from farmer.config import FarmerConfig
 from farmer.model import Farmer
 from farmer.precision import PRECISIONS, autocast
-from farmer.train import TrainConfig, _param_groups, amp_dtype, make_objective, train_step
+from farmer.train import TrainConfig, amp_dtype, make_ema, make_objective, make_optimizer, train_step
 
 PRESETS = ("tiny", "mnist")
 PHASES = ("train", "log_prob")
@@ -99,9 +98,7 @@ def build_workload(preset: str, batch: int, device: torch.device, seed: int = 0,
     objective = make_objective(train_config)
     torch.manual_seed(seed)
     model = objective.build_model(config, resuming=False).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(_param_groups(model, train_config.weight_decay), lr=train_config.lr,
-                                  betas=(train_config.beta1, train_config.beta2))
+    ema, optimizer = make_ema(model), make_optimizer(model, train_config)
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, config.channels, config.image_size, config.image_size)
     images = (torch.rand(shape, generator=generator) * 2 - 1).to(device)

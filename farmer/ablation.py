@@ -38,7 +38,6 @@ import torch
 from torch import Tensor
 
 from farmer.analysis import has_classifier
-from farmer.checkpoint import load_model
 from farmer.classifier import classifier_metrics
 from farmer.config import FarmerConfig
 from farmer.data import make_dataset
@@ -240,7 +239,7 @@ def run_variant(
         log=lambda line: log(f"[{name}] {line}"),
     )
     train_seconds = time.perf_counter() - start
-    model = load_model(run_dir, map_location=device or "cpu")
+    model = Farmer.from_pretrained(run_dir, map_location=device or "cpu")
     test_set = make_dataset(cfg.data, "test", cfg.data_root, model_config.image_size)
     bpd = evaluate_bpd(model, test_set, max_images=cfg.eval_images, seed=cfg.seed)
     log(f"[{name}] test bits/dim {bpd:.4f} on {min(cfg.eval_images, len(test_set))} images")

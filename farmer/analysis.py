@@ -21,15 +21,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from farmer.data import make_dataset, model_to_pixels, pixels_to_model
+from farmer.classifier import CLASSIFIER_DATASETS, IMAGE_SHAPE, classifier_metrics
+from farmer.data import make_dataset
 from farmer.evaluation import balanced_labels, generate
 from farmer.images import make_grid
 from farmer.model import Farmer
+from farmer.pixels import model_to_pixels, pixels_to_model
+from farmer.pretrained import read_config
 from farmer.sampling import SamplingOptions
 
 ANALYSES = ("separation", "variance", "logdet", "unguided")
 MetricFn = Callable[[Tensor, Tensor | None], dict[str, float]]
-CLASSIFIER_SHAPE = (1, 28, 28)  # what farmer.classifier scores (MNIST, Fashion-MNIST)
 
 
 # Shared helpers ----------------------------------------------------------------------------------------
@@ -266,16 +268,12 @@ def logdet_outliers(
 # 4. Unguided s × T grid --------------------------------------------------------------------------------
 def has_classifier(model: Farmer, dataset: str) -> bool:
     """Whether farmer.classifier can score this model's samples: a 1x28x28 model of MNIST or Fashion-MNIST."""
-    from farmer.classifier import CLASSIFIER_DATASETS
-
     shape = (model.config.channels, model.config.image_size, model.config.image_size)
-    return shape == CLASSIFIER_SHAPE and dataset in CLASSIFIER_DATASETS
+    return shape == IMAGE_SHAPE and dataset in CLASSIFIER_DATASETS
 
 
 def classifier_metric_fn(model: Farmer, dataset: str) -> MetricFn:
     """The default metric of :func:`unguided_grid`: farmer.classifier's metrics for MNIST-shaped models."""
-    from farmer.classifier import classifier_metrics
-
     if not has_classifier(model, dataset):
         cfg = model.config
         raise ValueError(
@@ -373,14 +371,11 @@ def run_analysis(
     checkpoint's training data) or, with ``from_samples``, that many class-balanced samples. The unguided
     grid scores ``n_per_cell`` samples per cell with the classifier of ``data``.
     """
-    from farmer.checkpoint import load_model
-    from farmer.pretrained import read_config
-
     if name not in ANALYSES:
         raise ValueError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    model = load_model(checkpoint, map_location=device or "cpu")
+    model = Farmer.from_pretrained(checkpoint, map_location=device or "cpu")
     data = data or read_config(checkpoint).get("train", {}).get("data", "mnist")
     out_dir = Path(out_dir)
     png = out_dir / f"{name}.png"

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from farmer.config import FarmerConfig
 from farmer.distributed import local_shards
-from farmer.io import fsync_directory, write_atomic
+from farmer.io import FarmerError, fsync_directory, write_atomic
 from farmer.model import Farmer
 from farmer.pretrained import (
     CONFIG,
@@ -185,7 +185,7 @@ def _publishing(run_dir: Path, tmp: Path, step: int, keep: int) -> Iterator[None
         shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(err):
             intact = _latest_name(run_dir)
-            raise RuntimeError(f"no space left on device while saving step {step} in {run_dir}; "
+            raise FarmerError(f"no space left on device while saving step {step} in {run_dir}; "
                                + (f"{intact} is intact" if intact else "no earlier checkpoint exists")) from err
         raise
     write_atomic(run_dir / LATEST, name + "\n")
@@ -294,7 +294,7 @@ def lock_run_directory(run_dir: str | Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise RuntimeError(f"{run_dir} is in use by another trainer (pid {holder}); wait for it to end or "
+            raise FarmerError(f"{run_dir} is in use by another trainer (pid {holder}); wait for it to end or "
                                "use another --out") from None
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")

@@ -26,9 +26,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from farmer.data import load_arrays, pixels_to_model
+from farmer.data import load_arrays
 from farmer.io import count_parameters, write_atomic
 from farmer.metrics import check_uint8_images, feature_statistics, frechet_distance, reference_features
+from farmer.pixels import pixels_to_model
 
 CLASSIFIER_DATASETS = ("mnist", "fashion-mnist")
 IMAGE_SHAPE = (1, 28, 28)
@@ -46,7 +47,7 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 class Classifier(nn.Module):
     """Three conv blocks (28 -> 14 -> 7 -> 3 pixels), a hidden layer (the features), a linear head.
 
-    Input: float (B, 1, 28, 28) in [-1, 1] (``farmer.data.pixels_to_model`` of uint8 pixels).
+    Input: float (B, 1, 28, 28) in [-1, 1] (``farmer.pixels.pixels_to_model`` of uint8 pixels).
     """
 
     def __init__(
@@ -296,7 +297,7 @@ def train_classifier(
         "dataset": dataset,
         "architecture": model.config,
         "parameters": count_parameters(model),
-        "input": "farmer.data.pixels_to_model(uint8 pixels) = (k + 0.5) / 128 - 1",
+        "input": "farmer.pixels.pixels_to_model(uint8 pixels) = (k + 0.5) / 128 - 1",
         "test_accuracy": accuracy,
         "test_images": int(test_x.shape[0]),
         "train_images": int(train_x.shape[0]),

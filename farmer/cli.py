@@ -17,43 +17,51 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import importlib.util
+import io
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
-from farmer.data import DATASET_NAMES, DEFAULT_VAL_FRACTION, make_dataset
-from farmer.packing import DEFAULT_SHARD_SIZE
-from farmer.sampling import parse_classes
-
-if TYPE_CHECKING:
-    from farmer import Farmer, FarmerConfig
-    from farmer.distributed import Runtime
-    from farmer.sampling import SamplingOptions
-    from farmer.train import TrainConfig
+# Modules whose functions tests replace (monkeypatch) are imported whole and called through their name.
+from farmer import analysis, demo, evaluation, metrics
+from farmer import plan as planning
+from farmer.classifier import CLASSIFIER_DATASETS, classifier_metrics
+from farmer.config import PRESETS, FarmerConfig, parse_assignments
+from farmer.data import DATASET_NAMES, DEFAULT_VAL_FRACTION, make_dataset, prepare_dataset
+from farmer.distill import DISTILL_DEFAULTS
+from farmer.distributed import Runtime, init_runtime
+from farmer.images import load_samples, save_grid, save_samples, stream_samples
+from farmer.io import FarmerError, count_parameters, write_atomic, write_json_atomic
+from farmer.model import Farmer
+from farmer.packing import DEFAULT_SHARD_SIZE, pack_image_folder
+from farmer.pretrained import DEFAULT_SHIPPED, locate_checkpoint, read_config, read_id2label
+from farmer.sampling import SamplingOptions, make_guidance, parse_classes
+from farmer.tracking import LOGGERS, TENSORBOARD_INSTALL
+from farmer.train import TrainConfig, stored_configs, train
 
 DEFAULT_SAMPLES = 64  # farmer sample without --n
 
 
 def shipped_checkpoint() -> Path:
     """The default model: farmer/checkpoints/mnist, package data, so installed wheels have it too."""
-    from farmer.pretrained import DEFAULT_SHIPPED, locate_checkpoint
-
     return locate_checkpoint(DEFAULT_SHIPPED)
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
     """--checkpoint as a directory or a shipped model's name (farmer/checkpoints/NAME); the default model without it."""
-    from farmer.pretrained import locate_checkpoint
-
     return locate_checkpoint(args.checkpoint) if args.checkpoint else shipped_checkpoint()
 
 
@@ -87,8 +95,6 @@ def check_output_path(path: str | Path, flag: str, kind: Literal["file", "image"
     """Fail before any expensive work if ``path`` cannot be written: a file that is a directory (``example``
     names a file to give instead), an image without a known extension (it picks the format), a directory that
     is a file, a file as a parent, or a directory that refuses a new file (read-only, full)."""
-    from PIL import Image
-
     path = Path(path)
     if kind != "directory" and path.is_dir():
         example = example or ("samples.png" if kind == "image" else _EXAMPLE_FILES.get(flag, "output"))
@@ -108,8 +114,6 @@ def check_output_path(path: str | Path, flag: str, kind: Literal["file", "image"
 def _probe_writable(directory: Path, flag: str, path: Path) -> None:
     """Create and delete a file in ``directory``: a read-only or full target fails now, not after the work.
     (A real write, not os.access, which answers yes to root on a read-only mount.)"""
-    import tempfile
-
     try:
         with tempfile.TemporaryFile(dir=directory, prefix=".farmer-probe-"):
             pass
@@ -117,11 +121,54 @@ def _probe_writable(directory: Path, flag: str, path: Path) -> None:
         raise ValueError(f"{flag} {path} cannot be written: {directory}: {err.strerror or err}") from None
 
 
+# TrainConfig fields that `farmer train` and `farmer distill` take as flags (--field-name), with their argparse
+# settings: the one list from which both the parsers and the values handed to TrainConfig come. Every default is
+# None, "not given": a resumed run keeps its stored value of each option not given.
+_TRAIN_FIELD_FLAGS: dict[str, dict[str, Any]] = {
+    "data": {"help": "mnist, fashion-mnist, digits, or an image-folder path"},
+    "data_root": {},
+    "init_from": {"metavar": "CHECKPOINT",
+                  "help": "start a new run from these weights (a run, step or shipped model, e.g. mnist); its model "
+                          "config is used unless --preset is given; --set may change its training recipe "
+                          "(dequantization, noise_std_start/end, label_dropout), not its architecture"},
+    "teacher_weights": {"choices": ["ema", "raw"], "help": "the teacher checkpoint's EMA (default) or raw weights"},
+    "steps": {"type": positive_int},
+    "batch_size": {"type": positive_int},
+    "lr": {"type": float},
+    "warmup_steps": {"type": non_negative_int},
+    "grad_accum": {"type": positive_int},
+    "seed": {"type": train_seed_int},
+    "num_workers": {"type": non_negative_int},
+    "eval_every": {"type": positive_int},
+    "sample_every": {"type": positive_int},
+    "save_every": {"type": positive_int},
+    "ema_decay": {"type": float},
+    "val_fraction": {"type": float, "help": "share of an image folder without train/val subfolders held out for test "
+                                            f"bits/dim (fixed seed; default {DEFAULT_VAL_FRACTION})"},
+    "precision": {"choices": ["auto", "fp32", "bf16"]},
+    "sharding": {"choices": ["ddp", "fsdp"]},
+    "compile": {"action": "store_true"},
+}
+TRAIN_FLAGS = ("data", "data_root", "init_from", "steps", "batch_size", "lr", "warmup_steps", "grad_accum", "seed",
+               "num_workers", "eval_every", "sample_every", "save_every", "ema_decay", "val_fraction", "precision",
+               "sharding", "compile")
+DISTILL_FLAGS = ("data", "data_root", "teacher_weights", "steps", "batch_size", "lr", "seed")
+
+
+def _add_train_field_flags(p: argparse.ArgumentParser, fields: tuple[str, ...], **helps: str) -> None:
+    """--field-name flags for these TrainConfig ``fields`` (``helps`` replaces a field's help text)."""
+    for name in fields:
+        settings = {**_TRAIN_FIELD_FLAGS[name], **({"help": helps[name]} if name in helps else {})}
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **settings)
+
+
+def _flag_values(args: argparse.Namespace, fields: tuple[str, ...]) -> dict[str, Any]:
+    """{field: the flag's value or None (not given)} of these TrainConfig fields."""
+    return {name: getattr(args, name) for name in fields}
+
+
 def _explicit_train_options(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     """TrainConfig values the user gave: flags (None = not given) and --train-set KEY=VALUE pairs."""
-    from farmer.config import parse_assignments
-    from farmer.train import TrainConfig
-
     given = {k: v for k, v in flags.items() if v is not None}
     assigned = parse_assignments(TrainConfig, args.train_set, "--train-set")
     clashes = sorted(k for k in given.keys() & assigned.keys() if given[k] != assigned[k])
@@ -133,8 +180,6 @@ def _explicit_train_options(args: argparse.Namespace, flags: dict[str, Any]) -> 
 def _settle_train_config(out: Path, fresh: TrainConfig, explicit: dict[str, Any]) -> TrainConfig:
     """A new run's training settings are ``fresh``; a resumed run keeps its stored ones. Explicit values
     apply on top either way, and each change to a stored setting is printed."""
-    from farmer.train import stored_configs
-
     if not (out / "LATEST").is_file():
         return dataclasses.replace(fresh, **explicit)
     stored = stored_configs(out)[1]
@@ -148,10 +193,6 @@ def _settle_train_config(out: Path, fresh: TrainConfig, explicit: dict[str, Any]
 
 # Commands -----------------------------------------------------------------------------------------------
 def cmd_presets(args: argparse.Namespace) -> None:
-    from farmer import Farmer, FarmerConfig
-    from farmer.config import PRESETS
-    from farmer.io import count_parameters
-
     for name in PRESETS:
         cfg = FarmerConfig.preset(name)
         with torch.device("meta"):
@@ -163,31 +204,24 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from farmer.config import PRESETS
-    from farmer.plan import IMAGENET_PRESETS, Cluster, assumptions, format_table, plan
-
     if (args.preset is None) == (not args.all):
         raise ValueError("give one --preset NAME or --all (every ImageNet preset)")
     if args.preset is not None and args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
-    cluster = Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, mfu=args.mfu, headroom=args.headroom)
+    cluster = planning.Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, mfu=args.mfu, headroom=args.headroom)
     path = None if args.json is None else check_output_path(args.json, "--json")
-    plans = [plan(name, cluster) for name in (IMAGENET_PRESETS if args.all else [args.preset])]
-    print(format_table(plans, cluster))
+    plans = [planning.plan(name, cluster) for name in (planning.IMAGENET_PRESETS if args.all else [args.preset])]
+    print(planning.format_table(plans, cluster))
     if path is not None:
-        path.write_text(json.dumps({"assumptions": assumptions(cluster), "plans": plans}, indent=2) + "\n")
+        path.write_text(json.dumps({"assumptions": planning.assumptions(cluster), "plans": plans}, indent=2) + "\n")
         print(f"wrote {path}")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from farmer.data import prepare_dataset
-
     print(prepare_dataset(args.name, args.root))
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    from farmer.packing import pack_image_folder
-
     index = pack_image_folder(args.source, args.out, args.size, args.workers, args.shard_size, progress=True)
     counts = ", ".join(f"{split} {entry['count']} images ({len(entry['skipped'])} unreadable, skipped)"
                        for split, entry in index["splits"].items())
@@ -195,11 +229,6 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from farmer import FarmerConfig
-    from farmer.config import parse_assignments
-    from farmer.pretrained import read_config
-    from farmer.train import TrainConfig, stored_configs
-
     out = check_output_path(args.out, "--out", "directory")
     # A resumed run keeps its stored model config; --preset or --set there must agree with it (train checks).
     resuming = (out / "LATEST").is_file()
@@ -211,22 +240,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:  # --init-from without --preset: the starting checkpoint's model (its student is distilled anew)
         model_config = FarmerConfig.from_dict(read_config(args.init_from)["model"]).replace(distilled_inverse=False)
     model_config = model_config.replace(**parse_assignments(FarmerConfig, args.set, "--set"))
-    options = {"data": args.data, "data_root": args.data_root, "steps": args.steps, "batch_size": args.batch_size,
-               "lr": args.lr, "warmup_steps": args.warmup_steps, "grad_accum": args.grad_accum, "seed": args.seed,
-               "precision": args.precision, "compile": args.compile, "sharding": args.sharding,
-               "num_workers": args.num_workers, "eval_every": args.eval_every, "sample_every": args.sample_every,
-               "save_every": args.save_every, "ema_decay": args.ema_decay, "val_fraction": args.val_fraction,
-               "init_from": args.init_from}
     train_config = _settle_train_config(out, TrainConfig.preset(preset or "mnist"),
-                                        _explicit_train_options(args, options))
+                                        _explicit_train_options(args, _flag_values(args, TRAIN_FLAGS)))
     _run_training(args, model_config, train_config, out)
 
 
 def _run_training(args: argparse.Namespace, model_config: FarmerConfig, train_config: TrainConfig, out: Path) -> None:
     """Train or resume, after the checks that need no model: optional packages, and a resume with steps left."""
-    from farmer.pretrained import read_config
-    from farmer.train import train
-
     require_extras([train_config.data], args.log)
     if (out / "LATEST").is_file():
         step = read_config(out).get("step", 0)
@@ -241,26 +261,19 @@ def _run_training(args: argparse.Namespace, model_config: FarmerConfig, train_co
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from farmer import FarmerConfig
-    from farmer.pretrained import read_config
-    from farmer.train import DISTILL_DEFAULTS, TrainConfig
-
     teacher = read_config(args.teacher)
     model_config = FarmerConfig.from_dict(teacher["model"]).replace(distilled_inverse=True)
     teacher_train = teacher.get("train", {})
     fresh = TrainConfig(**{**DISTILL_DEFAULTS, "objective": "distill", "teacher": str(args.teacher),
                            "data": teacher_train.get("data", "mnist"), "data_root": teacher_train.get("data_root")})
-    options = {"data": args.data, "data_root": args.data_root, "steps": args.steps, "batch_size": args.batch_size,
-               "lr": args.lr, "seed": args.seed, "teacher_weights": args.teacher_weights}
     out = check_output_path(args.out, "--out", "directory")
-    train_config = _settle_train_config(out, fresh, _explicit_train_options(args, options))
+    explicit = _explicit_train_options(args, _flag_values(args, DISTILL_FLAGS))
+    train_config = _settle_train_config(out, fresh, explicit)
     _run_training(args, model_config, train_config, out)
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     """The sampling flags as one validated SamplingOptions (the one place the CLI builds them)."""
-    from farmer.sampling import SamplingOptions, make_guidance
-
     guidance = None
     if args.guidance is not None and args.cfg != "none":
         guidance = make_guidance(args.cfg, args.guidance, args.cfg_option)
@@ -270,19 +283,16 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
                            inverse=getattr(args, "inverse", "auto"), batch_size=args.batch_size, seed=args.seed)
 
 
-def _load(args: argparse.Namespace, ema: bool = True, device: torch.device | str | None = None):
-    from farmer.checkpoint import load_model
-
+def _load(args: argparse.Namespace, ema: bool = True, device: torch.device | str | None = None) -> tuple[Path, Farmer]:
     checkpoint = checkpoint_path(args)
-    return checkpoint, load_model(checkpoint, ema=ema, map_location=device or args.device or "cpu")
+    return checkpoint, Farmer.from_pretrained(checkpoint, ema=ema, map_location=device or args.device or "cpu")
 
 
-def _sample_layout(args: argparse.Namespace, cfg) -> tuple[int, torch.Tensor | None, int]:
+def _sample_layout(args: argparse.Namespace, cfg: FarmerConfig) -> tuple[int, torch.Tensor | None, int]:
     """(n, labels, images per grid row) of `farmer sample`: one row per class of --classes, or balanced labels."""
     if args.classes is not None and not cfg.conditional:
         raise ValueError("--classes given, but the model is unconditional")
-    from farmer.pretrained import read_id2label  # class names, which --classes may use
-
+    # read_id2label: class names, which --classes may use
     classes = parse_classes(args.classes, cfg.num_classes, read_id2label(checkpoint_path(args)))
     if classes:
         # One grid row per class, all of one length.
@@ -298,40 +308,12 @@ def _sample_layout(args: argparse.Namespace, cfg) -> tuple[int, torch.Tensor | N
 
 def _torchrun_runtime(device: str | None) -> Runtime | None:
     """The process group when launched by torchrun with several processes; None for a plain process."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
-    from farmer.distributed import init_runtime
-
     return init_runtime(device)
 
 
-def _gather_shards(pixels: torch.Tensor, npz: Path, rt: Runtime) -> torch.Tensor | None:
-    """Every rank writes its share beside --npz; rank 0 joins them in rank order (the whole set, as one
-    process draws it) and deletes them. Needs a file system all ranks share, as torchrun on one node has."""
-    import torch.distributed as dist
-
-    from farmer.metrics import load_npz_images, save_npz_images
-
-    def shard(rank: int) -> Path:
-        return npz.with_name(f".{npz.name}.shard-{rank}-of-{rt.world}.npz")
-
-    save_npz_images(shard(rt.rank), pixels.permute(0, 2, 3, 1).numpy())
-    dist.barrier()
-    if not rt.main:
-        return None
-    parts = [load_npz_images(shard(rank)) for rank in range(rt.world)]
-    for rank in range(rt.world):
-        shard(rank).unlink()
-    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2)
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
-    from farmer.evaluation import generate
-    from farmer.images import save_grid
-    from farmer.metrics import save_npz_images
-
     # A grid unless only --npz is asked for: a 50,000-image FID set needs none.
     out = args.out if args.out is not None or args.npz else "samples.png"
     if out is not None:
@@ -350,9 +332,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - start
         print(f"sampled {n} images from {checkpoint} in {elapsed:.1f} s ({n / elapsed:.1f} img/s); wrote {args.npz}")
         return
-    pixels = generate(model, n, labels, sampling_options(args), progress=shard[0] == 0, shard=shard)
+    pixels = evaluation.generate(model, n, labels, sampling_options(args), progress=shard[0] == 0, shard=shard)
     if rt is not None:
-        pixels = _gather_shards(pixels, Path(args.npz), rt)
+        pixels = evaluation.gather_samples(pixels, Path(args.npz), rt)
         if pixels is None:  # not rank 0: its share is written
             return
     elapsed = time.perf_counter() - start
@@ -361,37 +343,26 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if out is not None:
         print(f"wrote {save_grid(pixels, out, nrow=nrow, scale=args.scale)}")
     if args.npz:
-        nhwc = pixels.permute(0, 2, 3, 1).numpy()
-        print(f"wrote {save_npz_images(args.npz, nhwc, None if labels is None else labels.numpy())}")
+        print(f"wrote {save_samples(args.npz, pixels, labels)}")
 
 
 def _stream_samples(args: argparse.Namespace, model: Farmer, n: int, labels: torch.Tensor | None) -> None:
     """Draw the samples of `farmer sample --npz` and write each batch to the file as it comes."""
-    from farmer.evaluation import generate_batches
-    from farmer.images import stream_npz_images
-
     cfg = model.config
-    batches = generate_batches(model, n, labels, sampling_options(args), progress=True)
-    stream_npz_images(args.npz, (n, cfg.image_size, cfg.image_size, cfg.channels),
-                      (batch.permute(0, 2, 3, 1).numpy() for batch in batches),
-                      None if labels is None else labels.numpy())
+    batches = evaluation.generate_batches(model, n, labels, sampling_options(args), progress=True)
+    stream_samples(args.npz, (n, cfg.channels, cfg.image_size, cfg.image_size), batches, labels)
 
 
 def _samples_for_metrics(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None, str, int | None]:
     """uint8 NCHW samples, their labels, their source and the model's patch size (None for --npz): from --npz,
     or drawn from the checkpoint (class-balanced)."""
-    from farmer.evaluation import balanced_labels, generate
-    from farmer.metrics import load_npz_images
-
     if args.npz:
-        images = torch.from_numpy(load_npz_images(args.npz)).permute(0, 3, 1, 2).contiguous()
-        with np.load(args.npz) as data:
-            labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
+        images, labels = load_samples(args.npz)
         return images, labels, str(args.npz), None
     checkpoint, model = _load(args)
-    labels = balanced_labels(model, args.n)
+    labels = evaluation.balanced_labels(model, args.n)
     start = time.perf_counter()
-    images = generate(model, args.n, labels, sampling_options(args), progress=True)
+    images = evaluation.generate(model, args.n, labels, sampling_options(args), progress=True)
     _keep_samples(args, images, labels, time.perf_counter() - start)
     return images, labels, str(checkpoint), model.config.patch_size
 
@@ -403,13 +374,11 @@ def _keep_samples(args: argparse.Namespace, images: torch.Tensor, labels: torch.
                   seconds: float) -> None:
     """Write the samples an evaluation drew to --keep-samples, or after a long sampling to
     eval-METRIC-samples.npz, before the metric runs: a failure there must not cost the sampling."""
-    from farmer.metrics import save_npz_images
-
     keep = args.keep_samples or (f"eval-{args.metric}-samples.npz" if seconds >= LONG_SAMPLING_SECONDS else None)
     if keep is None:
         return
     try:
-        save_npz_images(keep, images.permute(0, 2, 3, 1).numpy(), None if labels is None else labels.numpy())
+        save_samples(keep, images, labels)
     except OSError as err:
         if args.keep_samples:
             raise
@@ -422,8 +391,6 @@ def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     """Print an evaluation's JSON, and write it to --json when given."""
     print(json.dumps(result, indent=2))
     if args.json:
-        from farmer.io import write_json_atomic
-
         write_json_atomic(args.json, result)
 
 
@@ -446,8 +413,6 @@ _OOD_PARTNERS = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
 
 def trained_on(checkpoint: Path) -> str | None:
     """The data a checkpoint was trained on, as its config.json records it (None if it does not)."""
-    from farmer.pretrained import read_config
-
     return read_config(checkpoint).get("train", {}).get("data")
 
 
@@ -481,8 +446,6 @@ def _settle_eval_data(args: argparse.Namespace) -> None:
 
 
 def eval_bpd(args: argparse.Namespace) -> dict[str, Any]:
-    from farmer.evaluation import bpd_breakdown, evaluate_bpd
-
     if args.breakdown and args.importance_samples > 1:
         raise ValueError("--breakdown splits the one-sample bound; drop --importance-samples")
     checkpoint, model = _load(args, ema=not args.raw_weights)
@@ -491,37 +454,33 @@ def eval_bpd(args: argparse.Namespace) -> dict[str, Any]:
               "images": len(dataset) if args.max_images is None else min(args.max_images, len(dataset)),
               "importance_samples": args.importance_samples}
     if args.breakdown:
-        return {**header, **bpd_breakdown(model, dataset, args.batch_size, args.max_images, progress=True)}
-    result = {**header, "bits_per_dim": evaluate_bpd(model, dataset, args.batch_size, args.max_images, progress=True,
-                                                     importance_samples=args.importance_samples)}
+        return {**header, **evaluation.bpd_breakdown(model, dataset, args.batch_size, args.max_images, progress=True)}
+    result = {**header, "bits_per_dim": evaluation.evaluate_bpd(model, dataset, args.batch_size, args.max_images,
+                                                                progress=True,
+                                                                importance_samples=args.importance_samples)}
     if model.dequantizer is not None:  # its learned dequantisation's bound beside the uniform one, never instead
-        result["variational_bits_per_dim"] = evaluate_bpd(model, dataset, args.batch_size, args.max_images,
-                                                          progress=True, importance_samples=args.importance_samples,
-                                                          bound="variational")
+        result["variational_bits_per_dim"] = evaluation.evaluate_bpd(
+            model, dataset, args.batch_size, args.max_images, progress=True,
+            importance_samples=args.importance_samples, bound="variational")
     return result
 
 
 def eval_fid(args: argparse.Namespace) -> dict[str, Any]:
-    from farmer.evaluation import fid_report
-    from farmer.metrics import InceptionFeatures, load_reference_statistics
-
     # Every dependency before the sampling: the Inception weights, and the reference statistics or data.
-    extractor = InceptionFeatures(device=args.device, progress=True)
+    extractor = metrics.InceptionFeatures(device=args.device, progress=True)
     if args.ref_stats:
-        load_reference_statistics(args.ref_stats)
+        metrics.load_reference_statistics(args.ref_stats)
     elif args.data in DATASET_NAMES:  # an image folder is read lazily; its size is the samples'
         make_dataset(args.data, args.split, args.data_root)
     images, _, source, _ = _samples_for_metrics(args)
     return {"data": args.data, "source": source,
-            **fid_report(images, args.data, args.split, args.reference_images, args.precision_recall_images,
+            **evaluation.fid_report(images, args.data, args.split, args.reference_images, args.precision_recall_images,
                          device=args.device, root=args.data_root, ref_stats=args.ref_stats,
                          real_vs_real=not args.no_real_vs_real, extractor=extractor)}
 
 
 def _check_classifier_fits(data: str, channels: int, size: int, what: str) -> None:
     """Refuse, before any sampling, data or images that no shipped classifier reads."""
-    from farmer.classifier import CLASSIFIER_DATASETS
-
     if data not in CLASSIFIER_DATASETS:
         raise ValueError(f"eval classifier: no shipped classifier for {data}; there are classifiers for "
                          f"{', '.join(CLASSIFIER_DATASETS)} only")
@@ -531,12 +490,6 @@ def _check_classifier_fits(data: str, channels: int, size: int, what: str) -> No
 
 
 def eval_classifier(args: argparse.Namespace) -> dict[str, Any]:
-    from farmer.classifier import classifier_metrics
-    from farmer.config import FarmerConfig
-    from farmer.evaluation import dataset_pixels
-    from farmer.metrics import stripe_ratio
-    from farmer.pretrained import read_config
-
     if not args.npz:
         model = FarmerConfig.from_dict(read_config(checkpoint_path(args))["model"])
         _check_classifier_fits(args.data, model.channels, model.image_size, "the model")
@@ -545,91 +498,40 @@ def eval_classifier(args: argparse.Namespace) -> dict[str, Any]:
     result = {"data": args.data, "source": source,
               **classifier_metrics(images, args.data, labels, reference=args.split)}
     if patch_size is not None:  # the stripe statistic at the model's patch period (docs/quality.md)
-        reference = dataset_pixels(args.data, args.split, len(images), images.shape[-1], args.data_root)
-        result["stripe_ratio"] = stripe_ratio(images, reference, patch_size)
+        reference = evaluation.dataset_pixels(args.data, args.split, len(images), images.shape[-1], args.data_root)
+        result["stripe_ratio"] = metrics.stripe_ratio(images, reference, patch_size)
     return result
 
 
 def eval_distill(args: argparse.Namespace) -> dict[str, Any]:
-    from farmer.evaluation import compare_inverses
-
     checkpoint, model = _load(args)
-    report = compare_inverses(model, args.n, sampling_options(args), progress=True)
+    report = evaluation.compare_inverses(model, args.n, sampling_options(args), progress=True)
     images, labels = report.pop("images"), report.pop("labels")
     result = {"data": args.data, "checkpoint": str(checkpoint), **report}
-    if args.data in ("mnist", "fashion-mnist"):
-        from farmer.classifier import classifier_metrics
-
+    if args.data in CLASSIFIER_DATASETS:
         result["classifier"] = {k: classifier_metrics(v, args.data, labels) for k, v in images.items()}
     return result
 
 
 def eval_ood(args: argparse.Namespace) -> dict[str, Any]:
-    from farmer.evaluation import dataset_pixels, ood_report
-
     checkpoint, model = _load(args)
     size = model.config.image_size
-    inside, outside = (dataset_pixels(data, args.split, args.n, size, args.data_root)
+    inside, outside = (evaluation.dataset_pixels(data, args.split, args.n, size, args.data_root)
                        for data in (args.in_data, args.ood_data))
     return {"checkpoint": str(checkpoint), "in_data": args.in_data, "ood_data": args.ood_data, "split": args.split,
             "images": {"in": len(inside), "ood": len(outside)},
-            "scores": ood_report(model, inside, outside, args.batch_size, args.seed, progress=True)}
-
-
-def _images_to_score(args: argparse.Namespace, model) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
-    """(uint8 NCHW images, their labels or None, their file names or None) from --data, --images or --npz."""
-    from PIL import Image
-
-    from farmer.evaluation import dataset_pixels
-    from farmer.metrics import load_npz_images
-
-    cfg = model.config
-    if args.data:
-        dataset = make_dataset(args.data, args.split, args.data_root, cfg.image_size)
-        count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
-        labels = torch.tensor([dataset[i][1] for i in range(count)]) if cfg.conditional else None
-        return dataset_pixels(args.data, args.split, count, cfg.image_size, args.data_root), labels, None
-    if args.npz:
-        images = torch.from_numpy(load_npz_images(args.npz)[:args.max_images]).permute(0, 3, 1, 2).contiguous()
-        if not len(images):
-            raise ValueError(f"--npz {args.npz} holds no images (arr_0 has 0 of them)")
-        with np.load(args.npz) as data:
-            labels = data["labels"][:args.max_images] if "labels" in data.files and cfg.conditional else None
-        return images, None if labels is None else torch.from_numpy(labels), None
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--images {folder} is not a directory")
-    extensions = set(Image.registered_extensions())
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions)[:args.max_images]
-    if not files:
-        raise ValueError(f"--images {folder} holds no image files")
-    return torch.stack([_read_image(f, cfg.channels, cfg.image_size) for f in files]), None, [
-        str(f.relative_to(folder)) for f in files]
-
-
-def _read_image(file: Path, channels: int, size: int) -> torch.Tensor:
-    """One file of --images; an unreadable or truncated one is named (Pillow's own errors do not)."""
-    from farmer.images import load_image
-
-    try:
-        return load_image(file, channels, size)
-    except (OSError, SyntaxError) as err:  # SyntaxError: Pillow's bad PNG chunks
-        raise ValueError(f"--images: cannot read {file}: {err}") from None
+            "scores": evaluation.ood_report(model, inside, outside, args.batch_size, args.seed, progress=True)}
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    import csv
-    import io
-
-    from farmer.evaluation import score_images
-    from farmer.io import write_atomic
-
     out = check_output_path(args.out, "--out", example="scores.csv")
     if args.data:
         data_for(args.data, checkpoint_path(args))
     checkpoint, model = _load(args)
-    images, labels, names = _images_to_score(args, model)
-    scores = score_images(model, images, labels, args.batch_size, args.seed, progress=True)
+    images, labels, names = evaluation.images_to_score(
+        model.config, data=args.data, split=args.split, data_root=args.data_root, npz=args.npz, folder=args.images,
+        max_images=args.max_images)
+    scores = evaluation.score_images(model, images, labels, args.batch_size, args.seed, progress=True)
     columns = {"index": np.arange(len(images)), **({"file": np.array(names)} if names else {}),
                **({"label": labels.numpy()} if labels is not None else {}), **scores}
     table = io.StringIO()
@@ -642,20 +544,17 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from farmer.analysis import run_analysis
 
     check_output_path(args.out, "--out", "directory")
     checkpoint = checkpoint_path(args)
-    result = run_analysis(args.name, checkpoint, args.out, data=args.data, num_images=args.num_images,
+    result = analysis.run_analysis(args.name, checkpoint, args.out, data=args.data, num_images=args.num_images,
                           from_samples=args.from_samples, n_per_cell=args.n_per_cell, seed=args.seed,
                           device=args.device)
     print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from farmer.demo import serve
-
-    serve(checkpoint_path(args), args.host, args.port,
+    demo.serve(checkpoint_path(args), args.host, args.port,
           args.device or "cpu")
 
 
@@ -700,8 +599,6 @@ def _add_keep_samples_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _add_log_argument(p: argparse.ArgumentParser) -> None:
-    from farmer.tracking import LOGGERS
-
     p.add_argument("--log", choices=LOGGERS, default="jsonl",
                    help="tensorboard: also mirror metrics.jsonl and the sample grids to OUT/tensorboard "
                         "(needs the tensorboard extra)")
@@ -717,26 +614,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     """The train and distill commands."""
     p = sub.add_parser("train", help="train a model (resumes if --out holds a checkpoint); use torchrun for DDP/FSDP")
     p.add_argument("--preset", default=None, help="model size preset (default mnist; omitted on resume)")
-    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
-                   help="start a new run from these weights (a run, step or shipped model, e.g. mnist); "
-                        "its model config is used unless --preset is given; --set may change its training "
-                        "recipe (dequantization, noise_std_start/end, label_dropout), not its architecture")
-    p.add_argument("--data", default=None, help="mnist, fashion-mnist, digits, or an image-folder path")
-    p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, samples/)")
-    # Every default is None, "not given": a resumed run keeps its stored value of each option not given.
-    for flag, kind in (("--steps", positive_int), ("--batch-size", positive_int), ("--lr", float),
-                       ("--warmup-steps", non_negative_int), ("--grad-accum", positive_int), ("--seed", train_seed_int),
-                       ("--num-workers", non_negative_int), ("--eval-every", positive_int),
-                       ("--sample-every", positive_int), ("--save-every", positive_int), ("--ema-decay", float),
-                       ("--stop-at", positive_int)):
-        p.add_argument(flag, type=kind, default=None)
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="share of an image folder without train/val subfolders held out for test bits/dim "
-                        f"(fixed seed; default {DEFAULT_VAL_FRACTION})")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
-    p.add_argument("--sharding", choices=["ddp", "fsdp"], default=None)
-    p.add_argument("--compile", action="store_true", default=None)
+    _add_train_field_flags(p, TRAIN_FLAGS)
+    p.add_argument("--stop-at", type=positive_int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, typed by the field (e.g. final_permute=false, informative_channels=4)")
@@ -747,13 +627,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="train the one-step student of the flow inverse (Algorithm 2)")
     p.add_argument("--teacher", required=True, help="trained checkpoint (run or step directory)")
     p.add_argument("--out", required=True, help="run directory of the distilled model")
-    p.add_argument("--data", default=None, help="default: the teacher's training data")
-    p.add_argument("--teacher-weights", choices=["ema", "raw"], default=None,
-                   help="the teacher checkpoint's EMA (default) or raw weights")
-    p.add_argument("--data-root", default=None)
-    for flag, kind in (("--steps", positive_int), ("--batch-size", positive_int), ("--lr", float),
-                       ("--seed", train_seed_int), ("--stop-at", positive_int)):
-        p.add_argument(flag, type=kind, default=None)
+    _add_train_field_flags(p, DISTILL_FLAGS, data="default: the teacher's training data")
+    p.add_argument("--stop-at", type=positive_int, default=None)
     p.add_argument("--device", default=None)
     _add_train_set_argument(p)
     _add_log_argument(p)
@@ -942,10 +817,6 @@ def check_device(name: str | None) -> None:
 def require_extras(datasets: list[str | None], log: str | None = None, fid: bool = False) -> None:
     """ImportError naming the optional package (pyproject extra) to install, for what these arguments will need:
     checked before any work, never a traceback once the model is built."""
-    import importlib.util
-
-    from farmer.tracking import TENSORBOARD_INSTALL
-
     installs = {"sklearn": "the 'digits' data set needs scikit-learn: pip install 'farmer-flow[all]'",
                 "tensorboard": f"--log tensorboard needs tensorboard: {TENSORBOARD_INSTALL}"}
     needed = (["sklearn"] if "digits" in datasets else []) + (["tensorboard"] if log == "tensorboard" else [])
@@ -953,9 +824,7 @@ def require_extras(datasets: list[str | None], log: str | None = None, fid: bool
         if importlib.util.find_spec(module) is None:
             raise ImportError(installs[module])
     if fid:
-        from farmer.metrics import inception_weights_path
-
-        inception_weights_path()
+        metrics.inception_weights_path()
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -980,8 +849,10 @@ def _run(argv: list[str] | None) -> int:
         require_extras([getattr(args, key, None) for key in ("data", "in_data", "ood_data")],
                        getattr(args, "log", None), getattr(args, "metric", None) == "fid")
         args.func(args)
-    # OSError: unwritable paths and the like; ImportError: a missing optional package, named by the message.
-    except (ValueError, OSError, RuntimeError, TypeError, ImportError) as err:
+    # User errors, said in one line: bad input (ValueError), unwritable paths and the like (OSError), a missing
+    # optional package named by the message (ImportError), the failures farmer raises for the user to act on
+    # (FarmerError) and running out of device memory. Anything else is a bug and keeps its traceback.
+    except (ValueError, OSError, ImportError, FarmerError, torch.OutOfMemoryError) as err:
         print(f"farmer: error: {err}", file=sys.stderr)
         return getattr(err, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM, 130 by Ctrl-C
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first, above): nothing to save

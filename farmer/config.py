@@ -30,10 +30,11 @@ _FALSE_WORDS = ("false", "no", "0")
 _NONE_WORDS = ("none", "null")
 
 
-# Typed fields, shared by FarmerConfig and farmer.train.TrainConfig ---------------------------------------
+# Typed fields, shared by FarmerConfig, farmer.train.TrainConfig and the guidance methods' knobs -------------
 @functools.cache
 def field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
-    """{field: (type, whether None is allowed)} of a dataclass, from its annotations (``int | None`` etc.)."""
+    """{field: (type, whether None is allowed)} of a dataclass, from its annotations (``int | None``,
+    ``Literal["a", "b"]`` etc.)."""
     hints = typing.get_type_hints(cls)
     kinds = {}
     for f in dataclasses.fields(cls):
@@ -44,9 +45,12 @@ def field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
     return kinds
 
 
-def _describe(kind: type, optional: bool) -> str:
-    text = {bool: "true or false (also yes/no, 1/0)", int: "an integer", float: "a finite number",
-            str: "a string"}.get(kind, kind.__name__)
+def _describe(kind: Any, optional: bool) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        text = "one of " + ", ".join(map(str, typing.get_args(kind)))
+    else:
+        text = {bool: "true or false (also yes/no, 1/0)", int: "an integer", float: "a finite number",
+                str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
     return text + (" or none" if optional else "")
 
 
@@ -72,9 +76,10 @@ def field_type_errors(instance: Any) -> list[str]:
     return errors
 
 
-def parse_field_value(cls: type, key: str, text: str) -> Any:
-    """A command-line string typed by the dataclass field ``key``; ValueError names the field."""
-    kinds = field_kinds(cls)
+def parse_field_value(cls: type, key: str, text: str, exclude: Iterable[str] = ()) -> Any:
+    """A command-line string typed by the dataclass field ``key`` (bool, int, float, str or a Literal's choices,
+    optionally None); ValueError names the field. Fields in ``exclude`` are not settable this way."""
+    kinds = {name: kind for name, kind in field_kinds(cls).items() if name not in set(exclude)}
     if key not in kinds:
         raise ValueError(f"unknown {cls.__name__} field {key!r}; fields: {', '.join(kinds)}")
     kind, optional = kinds[key]
@@ -82,7 +87,9 @@ def parse_field_value(cls: type, key: str, text: str) -> Any:
     if optional and word in _NONE_WORDS:
         return None
     value: Any = None
-    if kind is bool:
+    if typing.get_origin(kind) is typing.Literal:
+        value = text.strip() if text.strip() in typing.get_args(kind) else None
+    elif kind is bool:
         value = True if word in _TRUE_WORDS else False if word in _FALSE_WORDS else None
     elif kind in (int, float):
         with contextlib.suppress(ValueError):
@@ -96,8 +103,11 @@ def parse_field_value(cls: type, key: str, text: str) -> Any:
     return value
 
 
-def parse_assignments(cls: type, pairs: Iterable[str], flag: str = "--set") -> dict[str, Any]:
-    """``KEY=VALUE`` strings (``-`` in keys read as ``_``) -> {field: typed value} for dataclass ``cls``."""
+def parse_assignments(cls: type, pairs: Iterable[str], flag: str = "--set",
+                      exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``-`` in keys read as ``_``) -> {field: typed value} for dataclass ``cls``: the one
+    parser of the command line's KEY=VALUE flags (--set, --train-set, --cfg-option). Range checks are the
+    dataclass's own, when it is built; fields in ``exclude`` are refused as unknown."""
     result = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -105,7 +115,7 @@ def parse_assignments(cls: type, pairs: Iterable[str], flag: str = "--set") -> d
             raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
         key = key.strip().replace("-", "_")
         try:
-            result[key] = parse_field_value(cls, key, text)
+            result[key] = parse_field_value(cls, key, text, exclude)
         except ValueError as err:
             raise ValueError(f"{flag} {pair}: {err}") from None
     return result
@@ -260,7 +270,8 @@ class FarmerConfig:
 
     @property
     def redundant_dim(self) -> int:
-        """d_R = d − d_I: the channels modelled by the one shared GMM (docs/method.md §3)."""
+        """d_R = d − d_I: the redundant channels, modelled by one mixture shared by all tokens or one per token
+        (``redundant_mixture``; docs/method.md §3)."""
         return self.token_dim - self.informative_dim
 
     @property

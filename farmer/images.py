@@ -1,4 +1,5 @@
-"""Image files (Pillow): PNG grids, single images at a model's size, PNG-compressed size."""
+"""Image files: PNG grids, single images at a model's size, PNG-compressed size (Pillow), and .npz files of
+samples (:func:`save_samples`, :func:`load_samples`)."""
 
 from __future__ import annotations
 
@@ -80,33 +81,99 @@ def default_background(channels: int) -> int:
     return 0 if channels == 1 else 255
 
 
-def stream_npz_images(path: str | Path, shape: tuple[int, int, int, int], batches: Iterable[np.ndarray],
-                      labels: np.ndarray | None = None) -> Path:
-    """Write uint8 NHWC ``batches`` (together ``shape``) as ``arr_0`` of an .npz while they come, and ``labels``
-    as ``labels``: the file np.savez writes (farmer.metrics.save_npz_images), without holding every image. Atomic:
-    a failure or too few images leave no file."""
-    def write(handle: BinaryIO) -> None:
-        written = 0
-        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_2_0(member, {"descr": "|u1", "fortran_order": False,
-                                                              "shape": tuple(shape)})
-                for batch in batches:
-                    batch = np.ascontiguousarray(batch)
-                    if batch.dtype != np.uint8 or batch.shape[1:] != tuple(shape[1:]):
-                        raise ValueError(f"batches must be uint8 (B, {', '.join(map(str, shape[1:]))}), got "
-                                         f"{batch.dtype} {batch.shape}")
-                    member.write(batch.tobytes())
-                    written += len(batch)
-            if written != shape[0]:
-                raise ValueError(f"expected {shape[0]} images, the batches held {written}")
-            if labels is not None:
-                with archive.open("labels.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(labels), allow_pickle=False)
+# Sample files (.npz): the layout of ADM's evaluation suite and common FID tools, ``arr_0`` uint8 (N, H, W, C)
+# and, for class-conditional samples, ``labels`` (N,). The API speaks the model's uint8 (N, C, H, W) tensors.
+_SAMPLE_CHANNELS = (1, 3)
 
+
+def _check_sample_pixels(pixels: Tensor, source: str) -> Tensor:
+    if not isinstance(pixels, Tensor) or pixels.dtype != torch.uint8:
+        raise ValueError(f"{source}: images must be uint8, got {getattr(pixels, 'dtype', type(pixels).__name__)}")
+    if pixels.ndim != 4 or pixels.shape[1] not in _SAMPLE_CHANNELS:
+        raise ValueError(f"{source}: images must be (N, C, H, W) with C in {_SAMPLE_CHANNELS}, got shape "
+                         f"{tuple(pixels.shape)}")
+    return pixels
+
+
+def _write_samples(handle: BinaryIO, shape: tuple[int, int, int, int], batches: Iterable[Tensor],
+                   labels: Tensor | None) -> None:
+    """The .npz of samples (N, C, H, W) = ``shape``, written to ``handle`` batch by batch (np.savez's layout
+    without holding every image)."""
+    n, c, h, w = shape
+    written = 0
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_2_0(member, {"descr": "|u1", "fortran_order": False,
+                                                          "shape": (n, h, w, c)})
+            for batch in batches:
+                _check_sample_pixels(batch, "samples")
+                if tuple(batch.shape[1:]) != (c, h, w):
+                    raise ValueError(f"batches must be uint8 (B, {c}, {h}, {w}), got {tuple(batch.shape)}")
+                member.write(np.ascontiguousarray(batch.permute(0, 2, 3, 1).cpu().numpy()).tobytes())
+                written += len(batch)
+        if written != n:
+            raise ValueError(f"expected {n} images, the batches held {written}")
+        if labels is not None:
+            if labels.shape != (n,):
+                raise ValueError(f"labels must be ({n},), one per image, got {tuple(labels.shape)}")
+            with archive.open("labels.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, labels.cpu().numpy(), allow_pickle=False)
+
+
+def stream_samples(path: str | Path, shape: tuple[int, int, int, int], batches: Iterable[Tensor],
+                   labels: Tensor | None = None) -> Path:
+    """Write uint8 (B, C, H, W) ``batches`` (together (N, C, H, W) = ``shape``) to the .npz ``path`` while they
+    come, with their ``labels`` (N,) if any. Atomic: a failure or too few images leave no file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, write)
+    return write_atomic(path, lambda handle: _write_samples(handle, tuple(shape), batches, labels))
+
+
+def save_samples(path: str | Path, pixels: Tensor, labels: Tensor | None = None) -> Path:
+    """Write uint8 (N, C, H, W) ``pixels`` and their ``labels`` (N,) if any as an .npz of samples (atomic)."""
+    return stream_samples(path, _check_sample_pixels(pixels, str(path)).shape, [pixels], labels)
+
+
+def samples_bytes(pixels: Tensor, labels: Tensor | None = None) -> bytes:
+    """The bytes of :func:`save_samples`'s file, for a download."""
+    buffer = io.BytesIO()
+    _write_samples(buffer, _check_sample_pixels(pixels, "samples").shape, [pixels], labels)
+    return buffer.getvalue()
+
+
+def _read_member(data: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        return data[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: cannot read '{key}': {err}") from err
+
+
+def load_samples(path: str | Path, max_images: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """(uint8 (N, C, H, W) pixels, int64 labels (N,) or None) from an .npz of samples (no pickle), the layout
+    checked with the problem named; the first ``max_images`` only when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npz file: {err}") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single .npy array; expected an .npz with the images under 'arr_0'")
+    with data:
+        if "arr_0" not in data.files:
+            raise ValueError(f"{path} has no 'arr_0' array (keys: {', '.join(data.files) or 'none'})")
+        images, labels = (_read_member(data, key, path) if key in data.files else None for key in ("arr_0", "labels"))
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}: images must be uint8, got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] not in _SAMPLE_CHANNELS:
+        raise ValueError(f"{path}: images must be (N, H, W, C) with C in {_SAMPLE_CHANNELS}, got shape "
+                         f"{images.shape}")
+    if labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: labels must be integers, one per image ({len(images)}), got {labels.dtype} "
+                         f"{labels.shape}")
+    pixels = torch.from_numpy(images[:max_images]).permute(0, 3, 1, 2).contiguous()
+    return pixels, None if labels is None else torch.from_numpy(labels[:max_images].astype(np.int64))
 
 
 class ImageTooLarge(ValueError):
@@ -131,6 +198,27 @@ def load_image(source: str | Path | BinaryIO, channels: int, size: int, max_pixe
             image = image.resize((size, size), Image.Resampling.BICUBIC)
         array = np.asarray(image, dtype=np.uint8).reshape(size, size, -1)
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def load_image_folder(folder: str | Path, channels: int, size: int,
+                      max_images: int | None = None) -> tuple[Tensor, list[str]]:
+    """(uint8 (N, C, H, W), file names relative to ``folder``): the image files under ``folder`` at any depth, in
+    name order, the first ``max_images`` only when given, each read by :func:`load_image`; an unreadable or
+    truncated file is named (Pillow's own errors do not)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} is not a directory")
+    extensions = set(Image.registered_extensions())
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions)[:max_images]
+    if not files:
+        raise ValueError(f"image folder {folder} holds no image files")
+    images = []
+    for file in files:
+        try:
+            images.append(load_image(file, channels, size))
+        except (OSError, SyntaxError) as err:  # SyntaxError: Pillow's bad PNG chunks
+            raise ValueError(f"image folder: cannot read {file}: {err}") from None
+    return torch.stack(images), [str(f.relative_to(folder)) for f in files]
 
 
 def png_bits_per_dim(images: Tensor) -> np.ndarray:

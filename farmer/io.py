@@ -1,5 +1,5 @@
-"""Leaf helpers every farmer module may import (this one imports no farmer module): atomic file writes and
-parameter counts.
+"""Leaf helpers every farmer module may import (this one imports no farmer module): atomic file writes,
+parameter counts, and :class:`FarmerError`.
 
 An atomic write goes to a hidden temporary sibling (named after the process, so concurrent writers never share
 one), is flushed to disk, then ``os.replace``-d over the target, and the directory entry is flushed too: a
@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from torch import nn
+
+
+class FarmerError(RuntimeError):
+    """A failure the user can act on, said by its message (data that cannot be fetched, a full disk, a run
+    directory in use, diverged training): the ``farmer`` command prints it in one line, where an unexpected
+    RuntimeError (a bug) keeps its traceback."""
 
 
 def fsync_directory(path: Path) -> None:

@@ -354,7 +354,7 @@ def _load_features(path: Path) -> np.ndarray | None:
 def load_reference_statistics(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """``mu`` and ``sigma`` of an ADM reference batch (guided-diffusion's evaluations suite, e.g.
     VIRTUAL_imagenet256_labeled.npz): pool3 statistics of the same TF-Inception network this module uses.
-    Its reference images, if any, are ``arr_0`` (:func:`load_npz_images`)."""
+    Its reference images, if any, are ``arr_0`` (:func:`farmer.images.load_samples`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics not found: {path}")
@@ -402,49 +402,3 @@ def reference_features(
     base.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda handle: np.savez(handle, features=features))
     return features
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sample files
-# ---------------------------------------------------------------------------------------------------
-
-
-def _check_nhwc(images: np.ndarray, source: str) -> np.ndarray:
-    if images.dtype != np.uint8:
-        raise ValueError(f"{source}: images must be uint8, got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{source}: images must be (N, H, W, C) with C in (1, 3), got shape {images.shape}")
-    return images
-
-
-def save_npz_images(path: Path | str, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
-    """Write uint8 (N, H, W, C) images as ``arr_0`` of an .npz, the layout common FID suites read, and the
-    class labels (if any) as ``labels``."""
-    path = Path(path)
-    arrays = {"arr_0": _check_nhwc(np.asarray(images), str(path))}
-    if labels is not None:
-        arrays["labels"] = np.asarray(labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda handle: np.savez(handle, **arrays))
-    return path
-
-
-def load_npz_images(path: Path | str) -> np.ndarray:
-    """Read uint8 (N, H, W, C) images from ``arr_0`` of an .npz (no pickle), validating the layout."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable .npz file: {err}") from err
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} holds a single .npy array; expected an .npz with the images under 'arr_0'")
-    with data:
-        if "arr_0" not in data.files:
-            raise ValueError(f"{path} has no 'arr_0' array (keys: {', '.join(data.files) or 'none'})")
-        try:
-            images = data["arr_0"]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path}: cannot read 'arr_0': {err}") from err
-    return _check_nhwc(images, str(path))

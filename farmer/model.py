@@ -26,7 +26,7 @@ from farmer.pretrained import (
     checkpoint_directory,
     load_state_into,
     load_weights,
-    read_config,
+    read_step_config,
     weights_file,
     write_pretrained,
 )
@@ -58,20 +58,35 @@ class Farmer(nn.Module):
         self.student = DistilledInverse(config) if config.distilled_inverse else None
         # Learned dequantisation q(u | x) (docs/method.md §14), trained with the model; only the loss uses it.
         self.dequantizer = VariationalDequantizer(config) if config.dequantization == "variational" else None
-        # Fixed orthonormal patch transform (log-det 0); a function of the config, so not saved with weights.
+        # Fixed orthonormal patch transform (log-det 0); a function of the config, so not saved with weights. Built
+        # in the model's dtype (the default dtype, then whatever the model is cast to: _apply).
         basis = dct_basis(config.patch_size, config.channels) if config.patch_transform == "dct" else None
-        self.register_buffer("patch_basis", None if basis is None else basis.float(), persistent=False)
+        self.register_buffer("patch_basis", None if basis is None else basis.to(torch.get_default_dtype()),
+                             persistent=False)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Farmer:
+        """nn.Module's casts and moves (``.to``, ``.double()``, …), then the DCT basis rebuilt from its fp64
+        definition in its new dtype: a basis cast up from fp32 would keep fp32's rounding, and an fp64 model's
+        transform would be orthonormal only to fp32 accuracy."""
+        super()._apply(fn, recurse)
+        if self.patch_basis is not None and self.patch_basis.device.type != "meta":
+            self.patch_basis = dct_basis(self.config.patch_size, self.config.channels).to(self.patch_basis)
+        return self
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None, ema: bool = True,
                         map_location: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-                        local_files_only: bool = False) -> Farmer:
+                        local_files_only: bool = False, expected: FarmerConfig | None = None) -> Farmer:
         """A model, in eval mode, from a checkpoint directory (released, step or run directory), a shipped
         model's name (e.g. "mnist") or a Hugging Face Hub repository id ("owner/name", needs the ``hub``
-        extra; ``revision``, ``cache_dir`` and ``local_files_only`` are passed on). EMA weights when present."""
+        extra; ``revision``, ``cache_dir`` and ``local_files_only`` are passed on). EMA weights when present.
+        With ``expected`` the stored config must equal it; the error lists the fields that differ."""
         step_dir = checkpoint_directory(path_or_repo_id, revision=revision, cache_dir=cache_dir,
                                         local_files_only=local_files_only)
-        model = cls(FarmerConfig.from_dict(read_config(step_dir)["model"]))
+        config = read_step_config(step_dir)[1]
+        if expected is not None and config != expected:
+            raise ValueError(f"checkpoint config does not match: {config.diff(expected)} (checkpoint, expected)")
+        model = cls(config)
         file = weights_file(step_dir, ema)
         load_state_into(model, load_weights(file), file)
         return model.to(map_location).eval()
@@ -170,7 +185,7 @@ class Farmer(nn.Module):
             raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"images must be floating point in [-1, 1], got dtype {x.dtype} "
-                            "(convert uint8 pixels with farmer.data.pixels_to_model)")
+                            "(convert uint8 pixels with farmer.pixels.pixels_to_model)")
         # Value checks sync with the device, so only the public entry points make them; training feeds
         # dequantize()'s output, bounded by construction (its Gaussian noise may leave [-1, 1] on purpose).
         if check_range and x.numel():

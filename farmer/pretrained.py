@@ -84,7 +84,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    step_dir = resolve_checkpoint(path)
+    """The checked config.json of a checkpoint (a step, run or shipped model's directory, or a shipped name)."""
+    return read_step_config(resolve_checkpoint(path))[0]
+
+
+def read_step_config(step_dir: Path) -> tuple[dict[str, Any], FarmerConfig]:
+    """(the checked config.json, its model config) of a step directory (:func:`resolve_checkpoint`'s answer):
+    the one place a checkpoint's config is parsed."""
     try:
         data = json.loads((step_dir / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:  # UnicodeDecodeError: binary garbage
@@ -94,12 +100,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if data.get("format") != FORMAT_VERSION or "model" not in data:
         raise ValueError(f"{step_dir / CONFIG} is not a farmer checkpoint config (format {data.get('format')!r})")
     try:
-        FarmerConfig.from_dict(check_dict(data["model"], "'model'"))
+        config = FarmerConfig.from_dict(check_dict(data["model"], "'model'"))
         check_dict(data.get("train", {}), "'train'")
     except ValueError as err:
         raise ValueError(f"{step_dir / CONFIG}: {err}") from None
     warn_defaulted_fields(FarmerConfig, data["model"], str(step_dir / CONFIG), FARMER_FIELDS_ADDED_LATER)
-    return data
+    return data, config
 
 
 def load_weights(file: Path) -> dict[str, Tensor]:
@@ -226,7 +232,7 @@ def write_pretrained(directory: str | Path, config: FarmerConfig, weights: dict[
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is a file, not a directory")
-    if (directory / EMA_WEIGHTS).exists():  # load_model prefers EMA weights: they would shadow these
+    if (directory / EMA_WEIGHTS).exists():  # from_pretrained prefers EMA weights: they would shadow these
         raise ValueError(f"{directory} holds {EMA_WEIGHTS} (a training checkpoint); save to another directory")
     directory.mkdir(parents=True, exist_ok=True)
     write_weights(directory / MODEL_WEIGHTS, weights, dtype)

@@ -34,7 +34,6 @@ from farmer.checkpoint import (
     OPTIMIZER,
     TRAINER,
     is_sharded_checkpoint,
-    load_model,
     load_sharded_state,
     lock_run_directory,
     save_checkpoint,
@@ -42,15 +41,7 @@ from farmer.checkpoint import (
     unflatten_optimizer_state,
 )
 from farmer.config import FarmerConfig, check_dict, field_type_errors, warn_defaulted_fields
-from farmer.data import (
-    DATASET_NAMES,
-    DEFAULT_VAL_FRACTION,
-    dataset_info,
-    dequantize,
-    gaussian_noise_std,
-    make_dataset,
-    model_to_pixels,
-)
+from farmer.data import DATASET_NAMES, DEFAULT_VAL_FRACTION, dataset_info, make_dataset
 from farmer.distill import DistillationObjective
 from farmer.distributed import (
     Runtime,
@@ -66,9 +57,10 @@ from farmer.distributed import (
     wrap_distributed,
 )
 from farmer.images import save_grid
-from farmer.io import count_parameters, write_atomic
+from farmer.io import FarmerError, count_parameters, write_atomic
 from farmer.model import Farmer
 from farmer.objective import LikelihoodObjective, Objective
+from farmer.pixels import dequantize, gaussian_noise_std, model_to_pixels
 from farmer.precision import PRECISIONS, autocast, autocast_dtype
 from farmer.pretrained import (
     CONFIG,
@@ -210,12 +202,6 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# Algorithm 2 starts the student from the teacher, so it needs far fewer steps than the teacher did.
-DISTILL_DEFAULTS: dict[str, Any] = dict(steps=1_000, batch_size=64, lr=3e-4, min_lr=1e-5, warmup_steps=50,
-                                        ema_decay=0.995, eval_every=250, eval_images=1_000, sample_every=500,
-                                        save_every=100)
-
-
 # Schedule ------------------------------------------------------------------------------------------
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
@@ -282,10 +268,26 @@ def sample_grid(model: Farmer, path: Path, per_class: int = 8,
 
 # Training ------------------------------------------------------------------------------------------
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Decay matrices and embeddings; not biases and norm gains (nanoGPT's split).
+    # Decay matrices and embeddings; not biases and norm gains (nanoGPT's split). The learned channel mixing
+    # (farmer.channels.ChannelMixing, docs/method.md §10) is decayed too, on purpose: its L and U factors are
+    # matrices and shrink toward W = diag(s), the identity it starts from, never toward a singular W, since log s
+    # is a vector and undecayed. docs/quality.md found the mixing neutral, so the recipe it was measured under
+    # stays.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The trainer's optimizer: AdamW at ``cfg``'s learning rate, betas and weight decay over ``model``'s
+    trainable parameters (matrices and embeddings decayed; biases and norm gains not). Under FSDP, build it
+    after wrapping: FSDP replaces the parameters with sharded ones."""
+    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """The trainer's EMA of ``model``: a frozen copy of it, which :func:`train_step` moves toward the model."""
+    return copy.deepcopy(model).requires_grad_(False)
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, list[int]]:
@@ -379,11 +381,11 @@ class MetricsLog:
                 self.mirror.write(record)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FarmerError):
     """The loss or the weights became NaN or Inf; nothing after the last finite checkpoint was saved."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(FarmerError):
     """A SIGTERM (a cluster's preemption or ``kill``) or a SIGINT (Ctrl-C) stopped training after saving its step;
     it resumes exactly."""
 
@@ -547,7 +549,7 @@ def initialise_from(model: Farmer, checkpoint: str) -> None:
     """Copy the flow and prior (EMA) weights of ``checkpoint`` into ``model``; their architectures must agree
     (:meth:`FarmerConfig.architecture`: the training recipe may change, and a student there is not copied: it
     must be distilled again for the new weights)."""
-    source = load_model(checkpoint)
+    source = Farmer.from_pretrained(checkpoint)
     differences = source.config.architecture().diff(model.config.architecture())
     if differences:
         raise ValueError(f"--init-from {checkpoint}: its model config differs from this run's: "
@@ -580,7 +582,7 @@ class _Session:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = self.objective.build_model(model_config, resuming).to(rt.device)
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.ema = make_ema(self.model)
         self.noise_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rt.rank)
         torch.manual_seed(cfg.seed * 104_729 + rt.rank)  # label dropout differs across ranks, as data does
         restored = self._restore(log) if resuming else None
@@ -597,8 +599,7 @@ class _Session:
         self.start_step = 0 if restored is None else restored[0]["step"]
         self.net = wrap_distributed(self.objective.loss_module(self.model), self.model, self.ema, cfg.sharding, rt)
         # Created after wrapping: FSDP replaces the parameters with sharded ones.
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2))
+        self.optimizer = make_optimizer(self.model, cfg)
         if restored is not None and is_sharded_checkpoint(restored[1]):  # any world size, sharded or not now
             state = sharded_state(self.model, self.ema, self.optimizer)
             load_sharded_state(restored[1], state)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from farmer.checkpoint import load_model
+from farmer.model import Farmer
 from farmer.pretrained import (
     CONFIG,
     EMA_WEIGHTS,
@@ -45,7 +45,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(step_dir / CONFIG, out / CONFIG)
-    # EMA weights ship under the plain name: load_model falls back to them when no ema file exists.
+    # EMA weights ship under the plain name: Farmer.from_pretrained falls back to them when no ema file exists.
     write_weights(out / MODEL_WEIGHTS, load_weights(step_dir / EMA_WEIGHTS), getattr(torch, args.dtype))
     provenance = {"run": str(args.run), "step": read_config(step_dir)["step"], "weights": f"EMA, {args.dtype}",
                   "last_log": last_record(Path(args.run), "loss")}
@@ -55,7 +55,7 @@ def main() -> None:
                                  "last_log": last_record(Path(args.teacher_run), "loss"),
                                  "last_eval": last_record(Path(args.teacher_run), "test_bpd")}
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    load_model(out)  # the shipped directory must load on its own
+    Farmer.from_pretrained(out)  # the shipped directory must load on its own
     print(f"shipped {step_dir} -> {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)")
 
 

@@ -28,7 +28,8 @@ from farmer.analysis import (
 )
 from farmer.checkpoint import save_checkpoint
 from farmer.config import FarmerConfig
-from farmer.data import default_data_root, model_to_pixels
+from farmer.data import default_data_root
+from farmer.pixels import model_to_pixels
 
 
 def assert_png(path: Path, min_side: int = 100) -> None:

@@ -22,7 +22,6 @@ from farmer.checkpoint import (
     TRAINER,
     flatten_optimizer_state,
     is_sharded_checkpoint,
-    load_model,
     load_sharded_weights,
     save_checkpoint,
     save_sharded_checkpoint,
@@ -60,31 +59,31 @@ def test_round_trip_loads_ema_by_default_and_model_on_request(tmp_path: Path) ->
     assert final == tmp_path / "step-00000007"
     assert (tmp_path / LATEST).read_text().strip() == final.name
     assert read_config(tmp_path)["step"] == 7
-    _assert_same_weights(load_model(tmp_path), _weights(101))
-    _assert_same_weights(load_model(final, ema=False), _weights(1))
-    assert not load_model(tmp_path).training  # loaded for inference
+    _assert_same_weights(Farmer.from_pretrained(tmp_path), _weights(101))
+    _assert_same_weights(Farmer.from_pretrained(final, ema=False), _weights(1))
+    assert not Farmer.from_pretrained(tmp_path).training  # loaded for inference
 
 
 def test_keep_prunes_old_steps_and_latest_follows_newest(tmp_path: Path) -> None:
     for step in (1, 2, 3):
         _save(tmp_path, step, seed=step, keep=2)
     assert _visible_entries(tmp_path) == {LATEST, "step-00000002", "step-00000003"}
-    _assert_same_weights(load_model(tmp_path, ema=False), _weights(3))
+    _assert_same_weights(Farmer.from_pretrained(tmp_path, ema=False), _weights(3))
 
 
 def test_resaving_a_step_replaces_it(tmp_path: Path) -> None:
     _save(tmp_path, 1, seed=1)
     _save(tmp_path, 1, seed=2)
     assert _visible_entries(tmp_path) == {LATEST, "step-00000001"}
-    _assert_same_weights(load_model(tmp_path, ema=False), _weights(2))
+    _assert_same_weights(Farmer.from_pretrained(tmp_path, ema=False), _weights(2))
 
 
 # Atomic saves -------------------------------------------------------------------------------------------
 def _assert_previous_checkpoint_intact(run: Path) -> None:
     """LATEST still names step 1, which loads with its own weights, and no temporary entry is left."""
     assert (run / LATEST).read_text().strip() == "step-00000001"
-    _assert_same_weights(load_model(run), _weights(101))
-    _assert_same_weights(load_model(run, ema=False), _weights(1))
+    _assert_same_weights(Farmer.from_pretrained(run), _weights(101))
+    _assert_same_weights(Farmer.from_pretrained(run, ema=False), _weights(1))
     assert not [p.name for p in run.iterdir() if p.name.startswith(".step-")], "temporary step dir left behind"
 
 
@@ -147,22 +146,22 @@ def test_crash_before_latest_moves_keeps_pointing_at_the_previous_checkpoint(
     monkeypatch.undo()
     # The new step dir is complete (it was renamed into place), but LATEST was never moved to it.
     _assert_previous_checkpoint_intact(tmp_path)
-    _assert_same_weights(load_model(tmp_path / "step-00000002", ema=False), _weights(2))
+    _assert_same_weights(Farmer.from_pretrained(tmp_path / "step-00000002", ema=False), _weights(2))
     # The next save recovers: it rewrites step 2 and moves LATEST.
     _save(tmp_path, 2, seed=3)
     assert (tmp_path / LATEST).read_text().strip() == "step-00000002"
-    _assert_same_weights(load_model(tmp_path, ema=False), _weights(3))
+    _assert_same_weights(Farmer.from_pretrained(tmp_path, ema=False), _weights(3))
 
 
 # Load errors --------------------------------------------------------------------------------------------
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="is not a directory, a shipped model"):
+        Farmer.from_pretrained(tmp_path / "nope")
 
 
 def test_directory_without_config_or_latest(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=rf"neither {CONFIG} nor {LATEST}"):
-        load_model(tmp_path)
+        Farmer.from_pretrained(tmp_path)
 
 
 def test_latest_pointing_at_a_missing_step(tmp_path: Path) -> None:
@@ -186,7 +185,7 @@ def test_corrupt_or_foreign_config(tmp_path: Path, content: bytes, message: str)
     step_dir = _save(tmp_path, 1, seed=1)
     (step_dir / CONFIG).write_bytes(content)
     with pytest.raises(ValueError, match=message) as info:
-        load_model(tmp_path)
+        Farmer.from_pretrained(tmp_path)
     assert CONFIG in str(info.value)  # the error names the file
 
 
@@ -196,7 +195,7 @@ def test_config_with_unknown_model_field(tmp_path: Path) -> None:
     data["model"]["wings"] = 2
     (step_dir / CONFIG).write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"unknown FarmerConfig field.*wings"):
-        load_model(tmp_path)
+        Farmer.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
@@ -206,8 +205,8 @@ def test_corrupt_weights_file(tmp_path: Path, damage: str) -> None:
     data = file.read_bytes()
     file.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x07" * 64}[damage])
     with pytest.raises(ValueError, match=f"corrupt weights file.*{EMA_WEIGHTS}"):
-        load_model(tmp_path)
-    load_model(tmp_path, ema=False)  # the other file is untouched and still loads
+        Farmer.from_pretrained(tmp_path)
+    Farmer.from_pretrained(tmp_path, ema=False)  # the other file is untouched and still loads
 
 
 def test_missing_weights_file(tmp_path: Path) -> None:
@@ -216,7 +215,7 @@ def test_missing_weights_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=f"missing weights file.*{MODEL_WEIGHTS}"):
         load_weights(step_dir / MODEL_WEIGHTS)
     with pytest.raises(FileNotFoundError, match=MODEL_WEIGHTS):
-        load_model(tmp_path, ema=False)
+        Farmer.from_pretrained(tmp_path, ema=False)
 
 
 @pytest.mark.parametrize(
@@ -233,19 +232,19 @@ def test_config_edited_to_mismatch_the_weights(tmp_path: Path, change: dict[str,
     data["model"].update(change)
     (step_dir / CONFIG).write_text(json.dumps(data))
     with pytest.raises(ValueError, match=rf"does not match the model built from its config.*{message}"):
-        load_model(tmp_path)
+        Farmer.from_pretrained(tmp_path)
 
 
 def test_expected_config_mismatch_lists_exactly_the_differing_fields(tmp_path: Path) -> None:
     _save(tmp_path, 1, seed=1)
     expected = CONFIG_TINY.replace(flow_width=64, noise_std_start=0.2)
     with pytest.raises(ValueError, match="does not match") as info:
-        load_model(tmp_path, expected=expected)
+        Farmer.from_pretrained(tmp_path, expected=expected)
     message = str(info.value)
     assert "flow_width" in message and "noise_std_start" in message
     assert "prior_width" not in message and "flow_blocks" not in message
     # The free-form name is provenance, not architecture: a different one still matches.
-    assert isinstance(load_model(tmp_path, expected=CONFIG_TINY.replace(name="renamed")), Farmer)
+    assert isinstance(Farmer.from_pretrained(tmp_path, expected=CONFIG_TINY.replace(name="renamed")), Farmer)
 
 
 # Optimizer state ------------------------------------------------------------------------------------------
@@ -322,7 +321,7 @@ def test_edited_config_json_is_type_checked_and_names_the_file(tmp_path: Path, e
     edit(data)
     (step_dir / CONFIG).write_text(json.dumps(data))  # json writes NaN as NaN, which it also reads
     with pytest.raises(ValueError, match=message) as info:
-        load_model(tmp_path)
+        Farmer.from_pretrained(tmp_path)
     assert str(step_dir / CONFIG) in str(info.value)
 
 
@@ -347,8 +346,8 @@ def test_non_finite_weights_on_load_name_the_tensor(tmp_path: Path) -> None:
     state[name].view(-1)[0] = float("nan")  # a bit flip
     save_file(state, step_dir / EMA_WEIGHTS)
     with pytest.raises(ValueError, match=f"{EMA_WEIGHTS}: tensor '{name}' has NaN or Inf"):
-        load_model(tmp_path)
-    assert load_model(tmp_path, ema=False) is not None  # the raw weights are intact
+        Farmer.from_pretrained(tmp_path)
+    assert Farmer.from_pretrained(tmp_path, ema=False) is not None  # the raw weights are intact
 
 
 def test_empty_latest_lists_the_available_steps(tmp_path: Path) -> None:
@@ -356,7 +355,7 @@ def test_empty_latest_lists_the_available_steps(tmp_path: Path) -> None:
     _save(tmp_path, 2, seed=2)
     (tmp_path / LATEST).write_text("\n")
     with pytest.raises(ValueError, match=r"LATEST is empty.*available: step-00000001, step-00000002"):
-        load_model(tmp_path)
+        Farmer.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("error", [
@@ -376,7 +375,7 @@ def test_full_disk_while_saving_says_which_step_is_intact(tmp_path: Path, monkey
         _save(tmp_path, 2, seed=2)
     assert _visible_entries(tmp_path) == {LATEST, "step-00000001"}  # no temporary left behind
     monkeypatch.undo()
-    _assert_same_weights(load_model(tmp_path), _weights(101))
+    _assert_same_weights(Farmer.from_pretrained(tmp_path), _weights(101))
 
 
 def test_run_directory_lock_is_exclusive_and_cleans_stale_saves(tmp_path: Path) -> None:
@@ -424,13 +423,13 @@ def test_sharded_step_holds_shards_and_the_ema_as_safetensors(tmp_path: Path, on
     assert final.name == "step-00000003" and is_sharded_checkpoint(final)
     assert {p.name for p in final.iterdir()} == {CONFIG, TRAINER, EMA_WEIGHTS, SHARDED_STATE}
     assert json.loads((final / TRAINER).read_text())["checkpoint_format"] == "sharded"
-    _assert_same_weights(load_model(tmp_path), _weights(103))  # a plain model, from safetensors
+    _assert_same_weights(Farmer.from_pretrained(tmp_path), _weights(103))  # a plain model, from safetensors
     for ema, seed in ((False, 3), (True, 103)):
         loaded = load_sharded_weights(tmp_path, ema=ema)
         assert loaded.keys() == _weights(seed).keys()
         assert all(torch.equal(loaded[k], v) for k, v in _weights(seed).items())
     with pytest.raises(FileNotFoundError, match=r"sharded training checkpoint.*load_sharded_weights"):
-        load_model(tmp_path, ema=False)
+        Farmer.from_pretrained(tmp_path, ema=False)
 
 
 def test_crash_while_writing_shards_keeps_the_previous_checkpoint(

@@ -19,7 +19,8 @@ from farmer.classifier import (
     load_classifier,
     train_classifier,
 )
-from farmer.data import load_arrays, pixels_to_model
+from farmer.data import load_arrays
+from farmer.pixels import pixels_to_model
 
 SUBSET = 1000
 

@@ -92,3 +92,34 @@ def test_eval_sub_commands_list_only_their_own_flags(capsys) -> None:
     assert "--ref-stats" in helps["fid"] and "--ref-stats" not in helps["classifier"]
     assert "--inverse" not in helps["distill"] and "--inverse" in helps["classifier"]
     assert "--ood-data" in helps["ood"] and "--npz" not in helps["ood"]
+
+
+def test_train_and_distill_flags_are_train_config_fields() -> None:
+    """The flags come from one table of TrainConfig field names, and each reaches its field."""
+    import dataclasses
+
+    from farmer.cli import _TRAIN_FIELD_FLAGS, DISTILL_FLAGS, TRAIN_FLAGS, _flag_values, build_parser
+    from farmer.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(_TRAIN_FIELD_FLAGS) <= fields and set(TRAIN_FLAGS) | set(DISTILL_FLAGS) == set(_TRAIN_FIELD_FLAGS)
+    args = build_parser().parse_args(["train", "--out", "x", "--lr", "0.5", "--warmup-steps", "3", "--compile",
+                                      "--init-from", "mnist", "--precision", "bf16"])
+    given = {k: v for k, v in _flag_values(args, TRAIN_FLAGS).items() if v is not None}
+    assert given == {"lr": 0.5, "warmup_steps": 3, "compile": True, "init_from": "mnist", "precision": "bf16"}
+    args = build_parser().parse_args(["distill", "--teacher", "t", "--out", "x", "--teacher-weights", "raw"])
+    assert _flag_values(args, DISTILL_FLAGS)["teacher_weights"] == "raw"
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys) -> None:
+    import farmer.cli
+    from farmer.io import FarmerError
+
+    for error in (ValueError("bad input"), OSError("disk"), ImportError("pip install x"), FarmerError("busy")):
+        monkeypatch.setattr(farmer.cli, "cmd_presets", lambda args, error=error: (_ for _ in ()).throw(error))
+        assert main(["presets"]) == 2
+        assert capsys.readouterr().err == f"farmer: error: {error}\n"
+    for bug in (TypeError("a bug"), RuntimeError("another")):
+        monkeypatch.setattr(farmer.cli, "cmd_presets", lambda args, bug=bug: (_ for _ in ()).throw(bug))
+        with pytest.raises(type(bug)):
+            main(["presets"])

@@ -20,15 +20,12 @@ from farmer.data import (
     ImageFolderDataset,
     dataset_info,
     default_data_root,
-    dequantize,
-    gaussian_noise_std,
     load_arrays,
     make_dataset,
-    model_to_pixels,
-    pixels_to_model,
     prepare_dataset,
     read_idx,
 )
+from farmer.pixels import _U_MAX, dequantize, gaussian_noise_std, model_to_pixels, pixels_to_model
 
 ALL_PIXELS = torch.arange(256, dtype=torch.uint8)
 
@@ -344,7 +341,7 @@ def test_uniform_dequantization_stays_in_bin() -> None:
     offsets = (x.double() + 1) * 128 - k  # the U(0, 1) draws
     assert abs(offsets.mean().item() - 0.5) < 0.01 and abs(offsets.var().item() - 1 / 12) < 0.01
     # Even the largest offset float32 can draw stays inside the top bin.
-    top = (torch.tensor([255.0]) - 128 + data._U_MAX) / 128
+    top = (torch.tensor([255.0]) - 128 + _U_MAX) / 128
     assert model_to_pixels(top).item() == 255 and top.item() < 1.0
 
 

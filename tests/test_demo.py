@@ -21,11 +21,12 @@ from PIL import Image
 
 from farmer.checkpoint import save_checkpoint
 from farmer.cli import build_parser, main, shipped_checkpoint
-from farmer.data import dequantize, make_dataset
+from farmer.data import make_dataset
 from farmer.demo import DemoApp, Limits, make_server
 from farmer.demo.card import ScoreReference, _checkpoint_name, _training
 from farmer.demo.server import DemoServer, json_depth
 from farmer.metrics import bits_per_dim
+from farmer.pixels import dequantize
 from farmer.pretrained import SHIPPED_DIR
 from farmer.sampling import parse_classes
 

@@ -7,9 +7,10 @@ import torch
 from helpers import randomize
 
 from farmer import Farmer, FarmerConfig
-from farmer.data import ArrayDataset, model_to_pixels, pixels_to_model
+from farmer.data import ArrayDataset
 from farmer.dequantization import VariationalDequantizer
 from farmer.evaluation import dequantized_log_prob, evaluate_bpd
+from farmer.pixels import model_to_pixels, pixels_to_model
 
 # Four pixels, one channel each: small enough to integrate p over a pixel bin numerically.
 FOUR_PIXELS = FarmerConfig(image_size=2, channels=1, patch_size=1, num_classes=0, flow_blocks=1, flow_layers=1,

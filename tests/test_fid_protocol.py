@@ -14,6 +14,7 @@ import torch
 import farmer.metrics as metrics
 from farmer.cli import main
 from farmer.evaluation import fid_report
+from farmer.images import save_samples
 from farmer.metrics import feature_statistics, load_reference_statistics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_eval_fid_cli_reads_ref_stats(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(metrics, "InceptionFeatures", RowMeans)
     reference, samples = _images(30, 0), _images(20, 1)
     batch = _adm_batch(tmp_path / "VIRTUAL_ref.npz", reference)
-    metrics.save_npz_images(tmp_path / "samples.npz", samples)
+    save_samples(tmp_path / "samples.npz", torch.from_numpy(samples).permute(0, 3, 1, 2))
     assert main(["eval", "fid", "--npz", str(tmp_path / "samples.npz"), "--ref-stats", str(batch),
                  "--precision-recall-images", "10"]) == 0
     result = json.loads(capsys.readouterr().out)

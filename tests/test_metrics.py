@@ -1,4 +1,4 @@
-"""Tests for farmer.metrics: bits/dim, Fréchet distance, precision/recall, Inception features, caches, npz."""
+"""Tests for farmer.metrics: bits/dim, Fréchet distance, precision/recall, Inception features, caches."""
 
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ from farmer.metrics import (
     fid_from_features,
     frechet_distance,
     legacy_resize_matrix,
-    load_npz_images,
     precision_recall,
     reference_features,
-    save_npz_images,
 )
 
 HAS_FID_PACKAGE = importlib.util.find_spec(metrics.FID_PACKAGE) is not None
@@ -313,44 +311,3 @@ def test_fid_report_takes_precision_recall_references_from_the_cached_features(t
 def test_reference_features_rejects_bad_count(tmp_path):
     with pytest.raises(ValueError, match="max_images"):
         reference_statistics("digits", "test", _CountingExtractor(), cache_dir=tmp_path, max_images=1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# npz sample files
-# ---------------------------------------------------------------------------------------------------
-
-
-def test_npz_round_trip(tmp_path):
-    images = np.random.default_rng(8).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
-    path = tmp_path / "samples.npz"
-    save_npz_images(path, images)
-    loaded = load_npz_images(path)
-    assert loaded.dtype == np.uint8
-    np.testing.assert_array_equal(loaded, images)
-    with np.load(path) as data:  # the layout other FID suites read
-        assert data.files == ["arr_0"]
-
-
-def test_npz_bad_layouts(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_npz_images(tmp_path / "missing.npz")
-    garbage = tmp_path / "garbage.npz"
-    garbage.write_bytes(b"definitely not numpy")
-    with pytest.raises(ValueError, match="not a readable"):
-        load_npz_images(garbage)
-    single = tmp_path / "single.npy"
-    np.save(single, np.zeros((2, 4, 4, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"single \.npy"):
-        load_npz_images(single)
-    cases = {
-        "no_key.npz": ({"images": np.zeros((2, 4, 4, 3), np.uint8)}, "arr_0"),
-        "float.npz": ({"arr_0": np.zeros((2, 4, 4, 3), np.float32)}, "uint8"),
-        "nchw.npz": ({"arr_0": np.zeros((2, 3, 4, 4), np.uint8)}, r"\(N, H, W, C\)"),
-        "objects.npz": ({"arr_0": np.array([None, 1], dtype=object)}, "arr_0"),
-    }
-    for name, (arrays, message) in cases.items():
-        np.savez(tmp_path / name, **arrays)
-        with pytest.raises(ValueError, match=message):
-            load_npz_images(tmp_path / name)
-    with pytest.raises(ValueError, match="uint8"):
-        save_npz_images(tmp_path / "out.npz", np.zeros((2, 4, 4, 3), np.int64))

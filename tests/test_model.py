@@ -7,8 +7,9 @@ import torch
 from helpers import random_images, random_model, randomize, small_config
 
 from farmer import Farmer, FarmerConfig
-from farmer.data import ArrayDataset, load_arrays, pixels_to_model
+from farmer.data import ArrayDataset, load_arrays
 from farmer.evaluation import blank_patches, bpd_breakdown, dequantized_log_prob, evaluate_bpd
+from farmer.pixels import pixels_to_model
 
 
 def test_patchify_round_trip_and_layout() -> None:

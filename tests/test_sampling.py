@@ -5,7 +5,6 @@ import torch
 from helpers import random_model
 
 from farmer import Farmer
-from farmer.checkpoint import load_model
 from farmer.flow import JACOBI_MAX_BATCH, auto_inverse
 from farmer.guidance import NaiveGuidance, ResamplingGuidance
 
@@ -19,7 +18,7 @@ EXTREME = [
 @pytest.mark.parametrize("knobs", EXTREME, ids=["s2-T3", "resampling-w10", "naive-w10"])
 def test_extreme_knobs_stay_finite(knobs: dict, trained_run: str) -> None:
     generator = torch.Generator().manual_seed(0)
-    for model in (random_model(std=0.3), load_model(trained_run)):
+    for model in (random_model(std=0.3), Farmer.from_pretrained(trained_run)):
         labels = torch.arange(2000) % 10
         images = model.sample(2000, labels, generator, **knobs)
         assert torch.isfinite(images).all()

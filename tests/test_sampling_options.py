@@ -5,9 +5,9 @@ import torch
 from helpers import random_model, small_config
 
 from farmer.cli import build_parser, sampling_options
-from farmer.data import model_to_pixels
 from farmer.evaluation import compare_inverses, generate
 from farmer.guidance import NaiveGuidance, ResamplingGuidance
+from farmer.pixels import model_to_pixels
 from farmer.sampling import SamplingOptions
 
 

@@ -10,10 +10,11 @@ from helpers import random_model
 from PIL import Image
 
 from farmer.cli import main
-from farmer.data import dequantize, make_dataset
+from farmer.data import make_dataset
 from farmer.evaluation import class_log_likelihoods, ood_scores, score_images
 from farmer.images import png_bits_per_dim
 from farmer.metrics import auroc
+from farmer.pixels import dequantize
 
 
 def test_auroc_counts_ordered_pairs_and_half_ties() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "farmer"
 MODEL = {"farmer.config", "farmer.nn", "farmer.channels", "farmer.flow", "farmer.mixture", "farmer.prior",
-         "farmer.guidance", "farmer.model", "farmer.pretrained", "farmer.io"}
+         "farmer.guidance", "farmer.model", "farmer.pretrained", "farmer.io", "farmer.pixels"}
 TRAINING = {"farmer.train", "farmer.distill", "farmer.data", "farmer.checkpoint", "farmer.evaluation",
             "farmer.objective", "farmer.distributed"}
 

@@ -26,7 +26,6 @@ from farmer.checkpoint import (
     SHARDED_STATE,
     TRAINER,
     is_sharded_checkpoint,
-    load_model,
     load_sharded_weights,
     save_checkpoint,
 )
@@ -196,11 +195,11 @@ def test_resume_with_another_model_config_is_refused(tmp_path: Path) -> None:
 
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(uninterrupted: Path, tmp_path: Path) -> None:
     """Fine-tuning: the new run starts from the source's EMA weights."""
-    source = load_model(uninterrupted)
+    source = Farmer.from_pretrained(uninterrupted)
     cfg = replace(RESUME_CFG, init_from=str(uninterrupted), steps=1, save_every=1, eval_every=1, sample_every=1,
                   lr=1e-12, min_lr=0.0, warmup_steps=1)
     run(TINY, cfg, tmp_path / "fine-tuned")
-    tuned = load_model(tmp_path / "fine-tuned", ema=False)
+    tuned = Farmer.from_pretrained(tmp_path / "fine-tuned", ema=False)
     # The steps behind the weights add up along a chain of fine-tunes: 8 + 1, then 9 + 1.
     assert read_config(resolve_checkpoint(tmp_path / "fine-tuned"))["pretrained_steps"] == RESUME_CFG.steps
     run(TINY, replace(cfg, init_from=str(tmp_path / "fine-tuned")), tmp_path / "twice")
@@ -212,7 +211,7 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(uninterrupted: Pa
     # The training recipe is not the architecture: a fine-tune may change it and starts from the same weights.
     recipe = TINY.replace(dequantization="uniform", noise_std_start=0.02, label_dropout=0.2)
     run(recipe, cfg, tmp_path / "new-recipe")
-    retuned = load_model(tmp_path / "new-recipe", ema=False)
+    retuned = Farmer.from_pretrained(tmp_path / "new-recipe", ema=False)
     assert retuned.config == recipe
     for name, value in source.state_dict().items():
         torch.testing.assert_close(retuned.state_dict()[name], value, rtol=0, atol=1e-9, msg=name)
@@ -387,8 +386,8 @@ def test_fsdp_trains_saves_a_plain_checkpoint_and_resumes(tmp_path: Path, single
     # Stop at step 2 and resume: evaluation at step 3 (then training goes on) and at the end, with samples.
     out, _ = torchrun(tmp_path, replace(DIST_CFG, sharding="fsdp", checkpoint_format="full", eval_every=3),
                       stops=[2, None])
-    model = load_model(out, ema=False)  # a plain, unsharded Farmer
-    ema = load_model(out)
+    model = Farmer.from_pretrained(out, ema=False)  # a plain, unsharded Farmer
+    ema = Farmer.from_pretrained(out)
     weights = {
         **{"model." + k: v for k, v in model.state_dict().items()},
         **{"ema." + k: v for k, v in ema.state_dict().items()},
@@ -417,7 +416,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_load_as_a_plain_model(tmp_p
     assert logged_losses(resumed) == logged_losses(straight)
     # One process resumes the 2 processes' shards (its data noise differs, as in the tests above: DIST_ATOL).
     run(DIST_MODEL, cfg, tmp_path / "half")
-    alone = load_model(tmp_path / "half", ema=False).state_dict()
+    alone = Farmer.from_pretrained(tmp_path / "half", ema=False).state_dict()
     torch.manual_seed(DIST_CFG.seed)
     initial = Farmer(DIST_MODEL).state_dict()
     reference = load_sharded_weights(straight)
@@ -428,7 +427,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly_and_load_as_a_plain_model(tmp_p
     for key, value in load_sharded_weights(resumed, ema=True).items():
         assert torch.equal(model.state_dict()[key], value), key
     with pytest.raises(FileNotFoundError, match="sharded training checkpoint"):
-        load_model(resumed, ema=False)
+        Farmer.from_pretrained(resumed, ema=False)
     from farmer.cli import main
 
     assert main(["sample", "--checkpoint", str(resumed), "--n", "4", "--out", str(tmp_path / "grid.png")]) == 0

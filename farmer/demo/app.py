@@ -23,12 +23,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from farmer.checkpoint import load_model
-from farmer.data import dequantize, make_dataset, model_to_pixels
+from farmer.data import make_dataset
 from farmer.demo.card import NO_REFERENCE, Limits, available_inverses, checkpoint_reference, model_card
-from farmer.images import ImageTooLarge, load_image, make_grid
+from farmer.images import ImageTooLarge, load_image, make_grid, samples_bytes
 from farmer.metrics import bits_per_dim
 from farmer.model import Farmer
+from farmer.pixels import dequantize, model_to_pixels
 from farmer.pretrained import read_config, read_id2label
 from farmer.sampling import DEFAULT_SAMPLING, SamplingOptions, batch_generator, make_guidance, parse_classes
 
@@ -145,16 +145,6 @@ def png_bytes(array: np.ndarray, scale: int = 1) -> bytes:
     return buffer.getvalue()
 
 
-def npz_bytes(pixels: Tensor, labels: Tensor | None) -> bytes:
-    """The layout of ``farmer sample --npz``: uint8 NHWC under ``arr_0``, class labels under ``labels``."""
-    arrays = {"arr_0": pixels.permute(0, 2, 3, 1).numpy()}
-    if labels is not None:
-        arrays["labels"] = labels.numpy()
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
 @dataclass
 class Progress:
     """The running job as the page's progress bar sees it; written by the job's thread only."""
@@ -183,7 +173,7 @@ class DemoApp:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "cpu", limits: Limits | None = None) -> DemoApp:
-        return cls(load_model(checkpoint, map_location=device), Path(checkpoint), limits)
+        return cls(Farmer.from_pretrained(checkpoint, map_location=device), Path(checkpoint), limits)
 
     # One job at a time --------------------------------------------------------------------------------
     @contextmanager
@@ -228,7 +218,7 @@ class DemoApp:
         pixels = model_to_pixels(images).cpu()
         scale = grid_scale(self.model.config.image_size)
         grid = make_grid(pixels, nrow=cols)
-        result_id = self._store({"png": png_bytes(grid, scale), "npz": npz_bytes(pixels, labels)})
+        result_id = self._store({"png": png_bytes(grid, scale), "npz": samples_bytes(pixels, labels)})
         return {"id": result_id, "tiles": n, "rows": math.ceil(n / cols), "cols": cols,
                 "width": grid.shape[1] * scale, "height": grid.shape[0] * scale, "seconds": round(seconds, 3),
                 "png": f"/api/result/{result_id}.png", "npz": f"/api/result/{result_id}.npz",

@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from farmer.demo.app import ApiError, DemoApp, Limits
+from farmer.io import FarmerError
 
 RESULT_PATH = re.compile(r"/api/result/(\d+)\.(png|npz)")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -296,7 +297,7 @@ def make_server(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, quiet: 
     try:
         return DemoServer(app, host, port, quiet)
     except OSError as err:
-        raise RuntimeError(f"cannot listen on {host}:{port}: {err}") from None
+        raise FarmerError(f"cannot listen on {host}:{port}: {err}") from None
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu",
