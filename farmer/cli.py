@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -47,12 +48,16 @@ from farmer.images import load_samples, save_grid, save_samples, stream_samples
 from farmer.io import FarmerError, count_parameters, write_atomic, write_json_atomic
 from farmer.model import Farmer
 from farmer.packing import DEFAULT_SHARD_SIZE, pack_image_folder
+from farmer.precision import PRECISIONS, autocast, autocast_dtype
 from farmer.pretrained import DEFAULT_SHIPPED, locate_checkpoint, read_config, read_id2label
 from farmer.sampling import SamplingOptions, make_guidance, parse_classes
 from farmer.tracking import LOGGERS, TENSORBOARD_INSTALL
 from farmer.train import TrainConfig, stored_configs, train
 
-DEFAULT_SAMPLES = 64  # farmer sample without --n
+DEFAULT_SAMPLES = 64  # farmer sample --n without --classes, or of an unconditional model
+# Bare `farmer sample` of a class-conditional model: the README's recipe, a 10 × 10 grid of classes 0-9 in rows
+# under resampling CFG at the paper's w = 2.5 (`--cfg none` samples unguided).
+DEFAULT_ROWS, DEFAULT_GUIDANCE = 10, 2.5
 
 
 def shipped_checkpoint() -> Path:
@@ -285,7 +290,13 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
 
 def _load(args: argparse.Namespace, ema: bool = True, device: torch.device | str | None = None) -> tuple[Path, Farmer]:
     checkpoint = checkpoint_path(args)
-    return checkpoint, Farmer.from_pretrained(checkpoint, ema=ema, map_location=device or args.device or "cpu")
+    device = device or args.device or default_device()
+    return checkpoint, Farmer.from_pretrained(checkpoint, ema=ema, map_location=device)
+
+
+def default_device() -> torch.device:
+    """Where commands run without --device: the accelerator when torch sees one, as training does; else the CPU."""
+    return torch.accelerator.current_accelerator() or torch.device("cpu")
 
 
 def _sample_layout(args: argparse.Namespace, cfg: FarmerConfig) -> tuple[int, torch.Tensor | None, int]:
@@ -294,6 +305,9 @@ def _sample_layout(args: argparse.Namespace, cfg: FarmerConfig) -> tuple[int, to
         raise ValueError("--classes given, but the model is unconditional")
     # read_id2label: class names, which --classes may use
     classes = parse_classes(args.classes, cfg.num_classes, read_id2label(checkpoint_path(args)))
+    if classes is None and cfg.conditional and args.n is None:  # the default grid: a row for each first class
+        classes, args.n = list(range(min(DEFAULT_ROWS, cfg.num_classes))), DEFAULT_ROWS * min(DEFAULT_ROWS,
+                                                                                              cfg.num_classes)
     if classes:
         # One grid row per class, all of one length.
         if args.n is not None and args.n % len(classes):
@@ -324,6 +338,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if rt is not None and not args.npz:
         raise ValueError("under torchrun, give --npz FILE: each rank samples its share of it")
     checkpoint, model = _load(args, device=None if rt is None else rt.device)
+    if args.guidance is None and args.cfg != "none" and model.config.conditional:
+        args.guidance = DEFAULT_GUIDANCE
     n, labels, nrow = _sample_layout(args, model.config)
     shard = (0, 1) if rt is None else (rt.rank, rt.world)
     start = time.perf_counter()
@@ -458,6 +474,10 @@ def eval_bpd(args: argparse.Namespace) -> dict[str, Any]:
     result = {**header, "bits_per_dim": evaluation.evaluate_bpd(model, dataset, args.batch_size, args.max_images,
                                                                 progress=True,
                                                                 importance_samples=args.importance_samples)}
+    if model.config.conditional:  # docs/method.md §5: bits of log p(x | c); log p(x | ∅) beside them
+        result["unconditional_bits_per_dim"] = evaluation.evaluate_bpd(
+            model, dataset, args.batch_size, args.max_images, progress=True,
+            importance_samples=args.importance_samples, conditional=False)
     if model.dequantizer is not None:  # its learned dequantisation's bound beside the uniform one, never instead
         result["variational_bits_per_dim"] = evaluation.evaluate_bpd(
             model, dataset, args.batch_size, args.max_images, progress=True,
@@ -565,14 +585,19 @@ def _add_model_arguments(p: argparse.ArgumentParser, batch_size: int = 250) -> N
     p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--seed", type=seed_int, default=0, help="0 to 2^64 - 1")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: the accelerator torch sees, else the CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", dest="inference_precision",
+                   help="farmer.precision: auto = bf16 trunks on accelerators, fp32 on CPUs (where bf16 sampling "
+                        "measured slower); fp32 = the exact policy")
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser, n: int | None, n_help: str = "number of images",
                             inverse: bool = True) -> None:
     _add_model_arguments(p)
     p.add_argument("--n", type=positive_int, default=n, help=n_help)
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale w (paper: 2.5); omit for no CFG")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale w (paper: 2.5). Without it `farmer sample` of a class-conditional model uses "
+                        "2.5 unless --cfg none; every other command samples unguided")
     p.add_argument("--cfg", choices=["resampling", "naive", "none"], default="resampling")
     p.add_argument("--cfg-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a guidance knob, e.g. eval_weight_temperature=0.2 or temperature_convention=multiply "
@@ -638,8 +663,10 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
 def _add_sampling_commands(sub: argparse._SubParsersAction) -> None:
     """The sample and score commands."""
     p = sub.add_parser("sample", help="draw a PNG grid and/or an .npz from a checkpoint (sharded under torchrun)")
-    _add_sampling_arguments(p, n=None, n_help=f"number of images (default {DEFAULT_SAMPLES}); with --classes a "
-                            f"multiple of the class count (default {DEFAULT_SAMPLES} // classes per class)")
+    _add_sampling_arguments(p, n=None, n_help=f"number of images; with --classes a multiple of the class count "
+                            f"(default {DEFAULT_SAMPLES} // classes per class). Default: a {DEFAULT_ROWS} × "
+                            f"{DEFAULT_ROWS} grid of the first classes of a conditional model, {DEFAULT_SAMPLES} "
+                            "images of an unconditional one")
     p.add_argument("--classes", default=None, help="e.g. 0-9, 1,4,7 or class names from the checkpoint's "
                    "config.json id2label (sandal,sneaker for fashion-mnist): one grid row per class")
     p.add_argument("--out", default=None, help="the PNG (or other image format, by extension) grid (default "
@@ -670,7 +697,8 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
                        "distill, ood)")
     metrics = p.add_subparsers(dest="metric", required=True)
 
-    q = metrics.add_parser("bpd", help="test bits/dim, uniform dequantisation, EMA weights")
+    q = metrics.add_parser("bpd", help="test bits/dim, uniform dequantisation, EMA weights; of log p(x | c) "
+                           "for a conditional model, with log p(x | null class)'s beside it")
     _add_model_arguments(q)
     _add_data_arguments(q)
     q.add_argument("--max-images", type=positive_int, default=None, help="evaluate only the first N images")
@@ -842,13 +870,23 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
 
 
+def _inference_precision(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """The autocast of --precision for the commands that load a model to sample or score (training has its own)."""
+    precision = getattr(args, "inference_precision", None)
+    if precision is None:
+        return contextlib.nullcontext()
+    device = torch.device(args.device) if args.device else default_device()
+    return autocast(device, autocast_dtype(precision, device))
+
+
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_device(getattr(args, "device", None))
         require_extras([getattr(args, key, None) for key in ("data", "in_data", "ood_data")],
                        getattr(args, "log", None), getattr(args, "metric", None) == "fid")
-        args.func(args)
+        with _inference_precision(args):
+            args.func(args)
     # User errors, said in one line: bad input (ValueError), unwritable paths and the like (OSError), a missing
     # optional package named by the message (ImportError), the failures farmer raises for the user to act on
     # (FarmerError) and running out of device memory. Anything else is a bug and keeps its traceback.

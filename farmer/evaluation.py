@@ -67,8 +67,9 @@ BOUNDS = ("uniform", "variational")
 @torch.no_grad()
 def evaluate_bpd(model: Farmer, dataset: Dataset, batch_size: int = 256, max_images: int | None = None,
                  seed: int = 0, progress: bool = False, importance_samples: int = 1,
-                 bound: Literal["uniform", "variational"] = "uniform") -> float:
-    """Test bits/dim (docs/method.md §5), labels included when the model is conditional: the bound with uniform
+                 bound: Literal["uniform", "variational"] = "uniform", conditional: bool = True) -> float:
+    """Test bits/dim (docs/method.md §5), of log p(x | c) under each image's label when the model is conditional
+    (``conditional=False``: of log p(x | ∅), the null class, for the unconditional figure): the bound with uniform
     U(0, 1/128) dequantisation, or with ``bound="variational"`` the one with the model's learned dequantisation
     (docs/method.md §14); ``importance_samples`` > 1 reports the tighter importance-weighted bound
     (:func:`dequantized_log_prob`). A fixed-seed generator keeps the number reproducible."""
@@ -82,7 +83,7 @@ def evaluate_bpd(model: Farmer, dataset: Dataset, batch_size: int = 256, max_ima
     dequantizer = model.dequantizer if bound == "variational" else None
     for pixels, labels in tqdm(_first(dataset, max_images, batch_size, seed), desc="bits/dim",
                                disable=not progress, leave=False):
-        y = labels.to(model.device) if model.config.conditional else None
+        y = labels.to(model.device) if model.config.conditional and conditional else None
         log_p = dequantized_log_prob(lambda x, y=y: model.log_prob(x.to(model.device), y), pixels,
                                      importance_samples, generator, dequantizer)
         total += bits_per_dim(-log_p.cpu(), model.config.num_dims).sum().item()

@@ -48,6 +48,15 @@ class LikelihoodTerms(NamedTuple):
         return (self.informative + self.redundant + self.flow_logdet).sum(dim=1)
 
 
+def check_weight_dtype(dtype: torch.dtype) -> None:
+    """Weights are fp32 or fp64: the flow's affine maps and log-dets and the mixture densities run in at least fp32
+    (docs/method.md §12), so bf16/fp16 weights would only be cast up again, or clash with fp32 activations."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"farmer models keep float32 (or float64) weights, got {dtype}; for bf16 speed keep them in "
+                        "float32 and sample or score under bf16 autocast: precision='bf16' "
+                        "(farmer.precision.autocast, `--precision bf16`)")
+
+
 class Farmer(nn.Module):
     def __init__(self, config: FarmerConfig) -> None:
         super().__init__()
@@ -76,11 +85,15 @@ class Farmer(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None, ema: bool = True,
                         map_location: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-                        local_files_only: bool = False, expected: FarmerConfig | None = None) -> Farmer:
+                        local_files_only: bool = False, expected: FarmerConfig | None = None,
+                        torch_dtype: torch.dtype = torch.float32) -> Farmer:
         """A model, in eval mode, from a checkpoint directory (released, step or run directory), a shipped
         model's name (e.g. "mnist") or a Hugging Face Hub repository id ("owner/name", needs the ``hub``
         extra; ``revision``, ``cache_dir`` and ``local_files_only`` are passed on). EMA weights when present.
-        With ``expected`` the stored config must equal it; the error lists the fields that differ."""
+        With ``expected`` the stored config must equal it; the error lists the fields that differ.
+        ``torch_dtype``: float32 or float64 weights; bf16 computation is a precision policy, not a weight dtype
+        (``with farmer.precision.autocast(device, torch.bfloat16)``, docs/method.md §12)."""
+        check_weight_dtype(torch_dtype)
         step_dir = checkpoint_directory(path_or_repo_id, revision=revision, cache_dir=cache_dir,
                                         local_files_only=local_files_only)
         config = read_step_config(step_dir)[1]
@@ -89,7 +102,7 @@ class Farmer(nn.Module):
         model = cls(config)
         file = weights_file(step_dir, ema)
         load_state_into(model, load_weights(file), file)
-        return model.to(map_location).eval()
+        return model.to(map_location, torch_dtype).eval()
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None,
                         id2label: Sequence[str] | None = None) -> Path:
@@ -109,6 +122,12 @@ class Farmer(nn.Module):
             self.save_pretrained(directory, dtype, id2label)
             return push_directory(directory, repo_id, token=token, private=private, revision=revision,
                                   commit_message=commit_message)
+
+    def weight_dtype(self) -> torch.dtype:
+        """The weights' dtype, checked: fp32 or fp64 (:func:`check_weight_dtype`)."""
+        dtype = next(self.parameters()).dtype
+        check_weight_dtype(dtype)
+        return dtype
 
     @property
     def device(self) -> torch.device:
@@ -251,7 +270,7 @@ class Farmer(nn.Module):
         y=None is the null class. An empty batch gives an empty result."""
         self.check_images(x)
         labels = self.check_labels(y, x.shape[0], x.device)
-        x = x.to(next(self.parameters()).dtype)
+        x = x.to(self.weight_dtype())
         if not x.shape[0]:
             return x.new_empty(0)
         return self._log_prob(x, labels)
@@ -318,6 +337,7 @@ class Farmer(nn.Module):
         if guidance is not None and not isinstance(guidance, Guidance):
             raise TypeError(f"guidance is a CFG method, e.g. ResamplingGuidance(scale=2.5), got "
                             f"{type(guidance).__name__} {guidance!r}")
+        self.weight_dtype()
         labels = self.check_labels(y, n, self.device)
         if guidance is not None and not self.config.conditional:
             raise ValueError("guidance needs a class-conditional model")

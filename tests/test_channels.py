@@ -52,18 +52,6 @@ def test_mixing_starts_as_identity() -> None:
     assert torch.equal(logdet, torch.zeros(2))
 
 
-def test_mixing_inverts_and_its_logdet_is_the_jacobian() -> None:
-    mixing = random_mixing(6)
-    z = torch.randn(2, 5, 6, dtype=torch.float64)
-    y, logdet = mixing(z)
-    assert (y - z).abs().max() > 0.1, "random weights: the mixing must not be the identity"
-    torch.testing.assert_close(mixing.inverse(y), z, atol=1e-12, rtol=0)
-    jac = torch.autograd.functional.jacobian(lambda t: mixing(t.view(1, 5, 6))[0].flatten(), z[0].flatten())
-    _, expected = torch.linalg.slogdet(jac)
-    assert abs(expected.item()) > 0.1, "a volume-preserving mixing would not test the log-det"
-    torch.testing.assert_close(logdet, expected.expand(2), atol=1e-10, rtol=0)
-
-
 def test_mixing_mixes_channels_within_a_token_only() -> None:
     mixing = random_mixing(4)
     z = torch.randn(1, 3, 4, dtype=torch.float64)

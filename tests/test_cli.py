@@ -25,6 +25,9 @@ def test_eval_bpd_reports_json(trained_run: str, capsys) -> None:
     assert main(["eval", "bpd", "--checkpoint", trained_run, "--data", "digits", "--max-images", "64"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 64 and 0 < result["bits_per_dim"] < 12 and result["importance_samples"] == 1
+    # docs/method.md §5: a conditional model's bits are of log p(x | c); those of the null class come beside them
+    assert 0 < result["unconditional_bits_per_dim"] < 12
+    assert result["unconditional_bits_per_dim"] != result["bits_per_dim"]
     assert main(["eval", "bpd", "--checkpoint", trained_run, "--data", "digits", "--max-images", "64",
                  "--importance-samples", "4"]) == 0
     tighter = json.loads(capsys.readouterr().out)
@@ -47,6 +50,20 @@ def test_sample_grid_and_npz(trained_run: str, tmp_path) -> None:
     data = np.load(npz)
     assert data["arr_0"].shape == (20, 8, 8, 1) and data["arr_0"].dtype == np.uint8
     assert data["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+
+
+def test_bare_sample_draws_the_guided_class_grid(trained_run: str, tmp_path, capsys) -> None:
+    # No --classes, --n or --guidance: the README's recipe, one row per class 0-9, 10 each, resampling CFG w = 2.5,
+    # which equals asking for it; --cfg none samples unguided.
+    bare, recipe, unguided = (tmp_path / f"{name}.npz" for name in ("bare", "recipe", "unguided"))
+    assert main(["sample", "--checkpoint", trained_run, "--npz", str(bare), "--precision", "fp32"]) == 0
+    assert main(["sample", "--checkpoint", trained_run, "--npz", str(recipe), "--classes", "0-9", "--n", "100",
+                 "--guidance", "2.5"]) == 0
+    assert main(["sample", "--checkpoint", trained_run, "--npz", str(unguided), "--cfg", "none"]) == 0
+    images, labels = np.load(bare)["arr_0"], np.load(bare)["labels"]
+    assert images.shape[0] == 100 and labels.tolist() == [c for c in range(10) for _ in range(10)]
+    assert np.array_equal(images, np.load(recipe)["arr_0"])
+    assert not np.array_equal(images, np.load(unguided)["arr_0"])
 
 
 def test_distill_then_sample_with_either_inverse(trained_run: str, tmp_path) -> None:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import random_images, random_model, small_config
 
+from farmer import Farmer
 from farmer.flow import AutoregressiveFlow
 from farmer.nn import attention
 from farmer.precision import autocast, autocast_dtype
@@ -121,3 +122,16 @@ def test_inverse_overflow_raises_naming_the_block() -> None:
     assert torch.isfinite(flow.blocks[1].inverse(z, flow.allocate_cache(2, z.device))).all()
     with pytest.raises(FloatingPointError, match="flow block 1 of 2"):
         flow.inverse(z)
+
+
+def test_half_precision_weights_get_a_clear_error() -> None:
+    model = random_model()
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = random_model().to(dtype)
+        with pytest.raises(TypeError, match=r"float32 .* weights.*precision=.bf16."):
+            cast.sample(2, torch.arange(2))
+        with pytest.raises(TypeError, match=r"float32 .* weights"):
+            cast.log_prob(random_images(model.config, 2))
+    with pytest.raises(TypeError, match=r"float32 .* weights"):
+        Farmer.from_pretrained("mnist", torch_dtype=torch.bfloat16)
+    assert Farmer.from_pretrained("mnist", torch_dtype=torch.float64).weight_dtype() == torch.float64
