@@ -816,11 +816,49 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farmer", description="FARMER: Flow AutoRegressive Transformer over Pixels")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_commands in (_add_data_commands, _add_training_commands, _add_sampling_commands, _add_eval_commands,
                          _add_tool_commands):
         add_commands(sub)
+    _show_defaults(parser)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("farmer-flow")
+    except PackageNotFoundError:  # a source tree on the path, not installed
+        return "unknown (not installed)"
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, except where that says nothing (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or not action.option_strings or _says_nothing(action.default):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _says_nothing(default: Any) -> bool:
+    # By identity: 0 and 0.0 are defaults worth showing, though they equal False.
+    return default is None or default is False or default is argparse.SUPPRESS or default == []
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """_DefaultsHelpFormatter for ``parser`` and all its sub-command parsers; options without help get one that
+    names their default (argparse prints no help line for them otherwise)."""
+    parser.formatter_class = _DefaultsHelpFormatter
+    for action in parser._actions:
+        if action.help is None and action.option_strings and not _says_nothing(action.default):
+            action.help = "default: %(default)s"
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
 
 
 def check_device(name: str | None) -> None:

@@ -177,22 +177,33 @@ def _verified_idx_bytes(name: str, stem: str, path: Path) -> bytes:
     return data
 
 
-def _missing_message(name: str, directory: Path, stem: str) -> str:
+# torchvision.datasets keeps the same IDX files under ROOT/<its class name>/raw.
+_TORCHVISION_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def _idx_directories(name: str, root: Path) -> list[Path]:
+    """Where a named set's IDX files may lie under a data root: farmer's ROOT/NAME, torchvision's ROOT/MNIST/raw
+    (or FashionMNIST/raw), or ROOT itself (a folder of downloaded files). The checksums tell the sets apart."""
+    return [root / name, root / _TORCHVISION_NAMES[name] / "raw", root]
+
+
+def _missing_message(name: str, root: Path, stem: str) -> str:
+    places = ", ".join(str(d) for d in _idx_directories(name, root))
     return (
-        f"{name} not found: {directory} has no {stem} (nor {stem}.gz). "
-        f"Run `farmer data prepare {name}` (data root: $FARMER_DATA or ~/.cache/farmer/data)."
+        f"{name} not found: no {stem} (nor {stem}.gz) in {places}. Run `farmer data prepare {name}` (data root: "
+        "$FARMER_DATA or ~/.cache/farmer/data), or point --data-root at a folder of its IDX files (README: "
+        "getting MNIST and Fashion-MNIST)."
     )
 
 
 def _load_idx_pair(name: str, split: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
-    directory = root / name
     prefix = _IDX_PREFIX[split]
     arrays = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
         stem = f"{prefix}-{kind}"
-        path = _find_idx(directory, stem)
+        path = next((found for d in _idx_directories(name, root) if (found := _find_idx(d, stem))), None)
         if path is None:
-            raise FileNotFoundError(_missing_message(name, directory, stem))
+            raise FileNotFoundError(_missing_message(name, root, stem))
         arrays.append(_parse_idx(_verified_idx_bytes(name, stem, path), str(path)))
     images, labels = arrays
     return images[:, None], labels.astype(np.int64)

@@ -140,3 +140,13 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
         monkeypatch.setattr(farmer.cli, "cmd_presets", lambda args, bug=bug: (_ for _ in ()).throw(bug))
         with pytest.raises(type(bug)):
             main(["presets"])
+
+
+def test_version_and_defaults_in_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("farmer ")
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0)" in text and "default: 250" in text and "(default: auto)" in text

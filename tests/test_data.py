@@ -387,3 +387,21 @@ def test_named_info_matches_loaded_arrays(name: str) -> None:
     images, labels = load_arrays(name, "test") if name == "digits" else _idx_or_skip(name, "test")
     assert images.shape[1:] == (info.channels, info.image_size, info.image_size)
     assert labels.max() + 1 == info.num_classes
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "plain"])
+def test_mnist_reads_torchvision_and_plain_idx_folders(layout: str, tmp_path: Path) -> None:
+    # Without npm or apt: torchvision.datasets.MNIST(root, download=True) leaves ROOT/MNIST/raw/*-ubyte, and a user
+    # may download the four IDX files into any folder; both serve as --data-root (checksums still verified).
+    source = default_data_root() / "mnist"
+    if not (source / "t10k-labels-idx1-ubyte").is_file():
+        pytest.skip("MNIST is not prepared (farmer data prepare mnist)")
+    target = tmp_path / "MNIST" / "raw" if layout == "torchvision" else tmp_path
+    target.mkdir(parents=True, exist_ok=True)
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (target / stem).symlink_to(source / stem)
+    images, labels = load_arrays("mnist", "test", tmp_path)
+    expected_images, expected_labels = load_arrays("mnist", "test")
+    assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
+    with pytest.raises(FileNotFoundError, match=r"MNIST/raw.*--data-root"):
+        load_arrays("mnist", "train", tmp_path)

@@ -539,3 +539,20 @@ def test_the_compiled_loss_equals_the_eager_one_in_value_and_gradient() -> None:
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
     for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_the_optimizer_decays_matrices_only_and_the_ema_starts_as_a_frozen_copy() -> None:
+    """make_optimizer/make_ema: the set-up the trainer and benchmarks/bench_train.py share. Matrices and embeddings
+    are decayed (the channel mixing's L and U too), vectors (biases, norm gains, the mixing's log s) are not."""
+    model = Farmer(FarmerConfig.preset("tiny").replace(channel_mixing=True))
+    cfg = TrainConfig.preset("tiny")
+    decayed, plain = trainer.make_optimizer(model, cfg).param_groups
+    assert decayed["weight_decay"] == cfg.weight_decay and plain["weight_decay"] == 0.0
+    assert decayed["lr"] == cfg.lr and decayed["betas"] == (cfg.beta1, cfg.beta2)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in decayed["params"]} >= {"lower", "upper", "weight"}
+    assert all(p.ndim < 2 for p in plain["params"]) and any(names[id(p)].endswith("log_scale") for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    ema = trainer.make_ema(model)
+    assert not any(p.requires_grad for p in ema.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), model.state_dict().values(), strict=True))
