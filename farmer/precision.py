@@ -65,6 +65,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def describe(precision: str, device: torch.device) -> str:
+    """One line on what ``precision`` means on ``device``, for the trainer's start-up log: on a CPU, whether bf16
+    would pay (native bf16 matmuls) when "auto" keeps fp32."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is not None:
+        return "precision bf16 (bf16 trunks, fp32 likelihood; docs/method.md §12)"
+    if precision == "auto" and device.type == "cpu":
+        hint = ("this CPU has native bf16 matmuls: --precision bf16 trains faster" if cpu_has_bf16_matmul()
+                else "this CPU has no native bf16 matmuls")
+        return f"precision fp32 (auto on a CPU; {hint})"
+    return "precision fp32"
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)

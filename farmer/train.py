@@ -61,7 +61,7 @@ from farmer.io import FarmerError, count_parameters, write_atomic
 from farmer.model import Farmer
 from farmer.objective import LikelihoodObjective, Objective
 from farmer.pixels import dequantize, gaussian_noise_std, model_to_pixels
-from farmer.precision import PRECISIONS, autocast, autocast_dtype
+from farmer.precision import PRECISIONS, autocast, autocast_dtype, describe
 from farmer.pretrained import (
     CONFIG,
     EMA_WEIGHTS,
@@ -541,7 +541,7 @@ def _train(rt: Runtime, model_config: FarmerConfig, cfg: TrainConfig, out: Path,
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         log(f"model {model_config.name}: {count_parameters(session.model) / 1e6:.2f}M parameters, {rt.world} "
-            f"process(es) on {rt.device}, {len(train_set)} training images")
+            f"process(es) on {rt.device}, {len(train_set)} training images, {describe(cfg.precision, rt.device)}")
     return session.run(train_set, progress, stop_at)
 
 

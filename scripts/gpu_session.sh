@@ -20,11 +20,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 farmer() { python3 -m farmer.cli "$@"; }
 if [ "${SMOKE:-0}" = 1 ]; then
   device=cpu preset=tiny data=digits batch=16 big=tiny big_batch=4 seconds=15 probe_steps=20 quick=--quick
-  sample_model=() precision_study=(--bpd-images 64 --samples 20 --round-trip-images 8) jpegs=64 workers=(1)
+  sample_model=() precision_study=(--bpd-images 64 --samples 20 --round-trip-images 8) data_bench=(--images 128 --batches 1 --workers 1)
   mixture=(--quick --batch-sizes 1)
 else
   device=cuda preset=mnist data=mnist batch=256 big=imagenet256-1.1b-p16 big_batch=32 seconds=240 probe_steps=60 quick=
-  sample_model=(--checkpoint farmer/checkpoints/mnist) precision_study=() jpegs=2000 workers=(1 4 8) mixture=()
+  sample_model=(--checkpoint farmer/checkpoints/mnist) precision_study=() data_bench=(--images 2000 --workers 1 4 8) mixture=()
 fi
 
 case $part in
@@ -74,7 +74,7 @@ scale)
     | tee -a "$out/scale.log"
   python3 -m benchmarks.bench_precision --device "$device" --checkpoint mnist-likelihood "${precision_study[@]}" \
     --out "$out/scale" 2>&1 | tee -a "$out/scale.log"
-  python3 -m benchmarks.bench_data --images "$jpegs" --workers "${workers[@]}" --out "$out/scale" 2>&1 \
+  python3 -m benchmarks.bench_data "${data_bench[@]}" --out "$out/scale" 2>&1 \
     | tee -a "$out/scale.log"
   tar -C "$out" -czf "$out/scale-results.tar.gz" scale && rm -r "$out/scale" ;;
 *)

@@ -10,7 +10,7 @@ from helpers import random_images, random_model, small_config
 from farmer import Farmer
 from farmer.flow import AutoregressiveFlow
 from farmer.nn import attention
-from farmer.precision import autocast, autocast_dtype
+from farmer.precision import autocast, autocast_dtype, describe
 
 
 def test_affine_parameters_are_fp32_projections_under_bf16_autocast() -> None:
@@ -135,3 +135,12 @@ def test_half_precision_weights_get_a_clear_error() -> None:
     with pytest.raises(TypeError, match=r"float32 .* weights"):
         Farmer.from_pretrained("mnist", torch_dtype=torch.bfloat16)
     assert Farmer.from_pretrained("mnist", torch_dtype=torch.float64).weight_dtype() == torch.float64
+
+
+def test_describe_names_the_policy_and_whether_bf16_would_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert describe("fp32", cpu) == "precision fp32"
+    assert describe("auto", torch.device("cuda")).startswith("precision bf16")
+    for native, hint in ((True, "--precision bf16 trains faster"), (False, "no native bf16 matmuls")):
+        monkeypatch.setattr("farmer.precision.cpu_has_bf16_matmul", lambda native=native: native)
+        assert hint in describe("auto", cpu)
