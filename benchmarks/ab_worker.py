@@ -2,8 +2,8 @@
 
 Run as a script (``python benchmarks/ab_worker.py``) with PYTHONPATH pointing at the farmer tree to time, so
 one file serves today's code and an older checkout alike: it imports only torch and the API both share
-(``Farmer``, ``FarmerConfig``, ``load_model``, ``ResamplingGuidance``, ``prior.sample``, ``decode``,
-``TrainConfig``, the trainer's parameter groups), plus the untrained student and the
+(``Farmer``, ``FarmerConfig``, ``ResamplingGuidance``, ``prior.sample``, ``decode``, ``TrainConfig``), plus the
+loaded model, the trainer's optimizer and EMA, the untrained student and the
 training step, each by whichever API the tree has (the step: ``farmer.train.train_step``, or in a tree older
 than it, that tree's loop body, :func:`legacy_train_step`). Requests arrive one JSON object per stdin line; each
 gets one JSON line on stdout, so the coordinator can alternate the two sides call by call.
@@ -33,11 +33,10 @@ from torch import Tensor, nn
 import farmer
 import farmer.distill
 import farmer.train
-from farmer.checkpoint import load_model
 from farmer.config import FarmerConfig
 from farmer.guidance import ResamplingGuidance
 from farmer.model import Farmer
-from farmer.train import TrainConfig, _param_groups
+from farmer.train import TrainConfig
 
 # Std of the random output heads given to the TARFlow-sized flow: its blocks start as the identity (zero
 # heads), which the Jacobi inverse would invert in one sweep; with these heads it needs a few per block.
@@ -49,7 +48,7 @@ def build_model(name: str, checkpoint: str) -> Farmer:
     4 flow blocks × 4 layers, width 128 (the issue's TARFlow-sized AF), seeded random weights, random flow
     heads and an untrained student (timing only)."""
     if name == "mnist":
-        return load_model(checkpoint).eval()
+        return load_shipped(checkpoint)
     config = train_config(name)
     torch.manual_seed(0)
     model = Farmer(config)
@@ -59,6 +58,26 @@ def build_model(name: str, checkpoint: str) -> Farmer:
             block.proj_out.weight.copy_(torch.randn(block.proj_out.weight.shape, generator=generator)
                                         * TARFLOW_HEAD_STD)
     return with_untrained_student(model).eval()
+
+
+def load_shipped(checkpoint: str) -> Farmer:
+    """The checkpoint's model in eval mode: ``Farmer.from_pretrained`` today, ``farmer.checkpoint.load_model`` in
+    trees older than it."""
+    if hasattr(Farmer, "from_pretrained"):
+        return Farmer.from_pretrained(checkpoint).eval()
+    from farmer.checkpoint import load_model  # an older tree only
+
+    return load_model(checkpoint).eval()
+
+
+def optimizer_and_ema(model: nn.Module, train_config: TrainConfig) -> tuple[torch.optim.Optimizer, nn.Module]:
+    """The trainer's AdamW and EMA copy: ``make_optimizer`` and ``make_ema`` today; in trees older than them,
+    AdamW over that tree's ``_param_groups`` and a frozen deep copy, as its trainer built them."""
+    if hasattr(farmer.train, "make_optimizer"):
+        return farmer.train.make_optimizer(model, train_config), farmer.train.make_ema(model)
+    groups = farmer.train._param_groups(model, train_config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=train_config.lr, betas=(train_config.beta1, train_config.beta2))
+    return optimizer, copy.deepcopy(model).requires_grad_(False)
 
 
 def with_untrained_student(model: Farmer) -> Farmer:
@@ -152,9 +171,7 @@ def train_step(config: FarmerConfig, batch: int) -> Callable[[], None]:
     objective = farmer.train.make_objective(train_config)
     torch.manual_seed(0)
     model = objective.build_model(config, resuming=False)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(_param_groups(model, train_config.weight_decay), lr=train_config.lr,
-                                  betas=(train_config.beta1, train_config.beta2))
+    optimizer, ema = optimizer_and_ema(model, train_config)
     loss = objective.loss_module(model)
     return lambda: step(model, optimizer, [(images, labels)], grad_clip=train_config.grad_clip, ema=ema,
                         ema_decay=train_config.ema_decay, amp=amp, loss=loss)
@@ -169,9 +186,7 @@ def legacy_train_step(config: FarmerConfig, train_config: TrainConfig, images: T
     the EMA update over every parameter. Today's tree never comes here."""
     torch.manual_seed(0)
     model = Farmer(config)  # the old trainer's likelihood model, trained by calling it directly
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(_param_groups(model, train_config.weight_decay), lr=train_config.lr,
-                                  betas=(train_config.beta1, train_config.beta2))
+    optimizer, ema = optimizer_and_ema(model, train_config)
 
     def step() -> None:
         model.train()

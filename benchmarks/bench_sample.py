@@ -35,7 +35,6 @@ from benchmarks.common import (
     set_threads,
     timed,
 )
-from farmer.checkpoint import load_model
 from farmer.config import FarmerConfig
 from farmer.distill import attach_new_student
 from farmer.guidance import ResamplingGuidance
@@ -49,7 +48,7 @@ def build_model(
 ) -> tuple[Farmer, dict[str, Any]]:
     """The model to time and a record of where it came from (weights, student)."""
     if checkpoint is not None:
-        model = load_model(checkpoint, map_location=device)
+        model = Farmer.from_pretrained(checkpoint, map_location=device)
         source = f"checkpoint {checkpoint}"
     else:
         torch.manual_seed(seed)

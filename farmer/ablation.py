@@ -42,7 +42,7 @@ from farmer.classifier import classifier_metrics
 from farmer.config import FarmerConfig
 from farmer.data import make_dataset
 from farmer.evaluation import balanced_labels, dataset_pixels, evaluate_bpd, generate
-from farmer.guidance import RedundantPoolStats, ResamplingGuidance
+from farmer.guidance import RecordingGuidance, RedundantPoolStats, ResamplingGuidance
 from farmer.images import save_grid
 from farmer.io import count_parameters, write_json_atomic
 from farmer.metrics import stripe_ratio
@@ -286,7 +286,7 @@ def _sample_metrics(model: Farmer, cfg: AblationConfig, guidance: str | None, re
     pools = RedundantPoolStats()
     method = None if guidance is None else make_guidance(guidance, cfg.guidance_scale)
     if isinstance(method, ResamplingGuidance):
-        method = dataclasses.replace(method, stats=pools)
+        method = RecordingGuidance(method, pools)
     options = SamplingOptions(guidance=method, batch_size=cfg.sample_batch, seed=cfg.seed)
     pixels = generate(model, cfg.num_samples, labels, options)
     # No classifier for e.g. the 8x8 digits: the samples still make the grid.

@@ -39,7 +39,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
@@ -301,17 +300,3 @@ def lock_run_directory(run_dir: str | Path) -> Iterator[None]:
         handle.flush()
         remove_stale_temporaries(run_dir)
         yield
-
-
-def load_model(path: str | Path, ema: bool = True, map_location: str | torch.device = "cpu",
-               expected: FarmerConfig | None = None) -> Farmer:
-    """:meth:`Farmer.from_pretrained` of a local checkpoint or shipped model (EMA weights by default).
-
-    With ``expected`` the stored config must equal it; the error lists the fields that differ.
-    """
-    step_dir = resolve_checkpoint(path)
-    config = FarmerConfig.from_dict(read_config(step_dir)["model"])
-    if expected is not None and config != expected:
-        diff = config.diff(expected)
-        raise ValueError(f"checkpoint config does not match: {diff} (checkpoint, expected)")
-    return Farmer.from_pretrained(step_dir, ema=ema, map_location=map_location)

@@ -121,7 +121,12 @@ class FlowBlock(nn.Module):
         return z if self.mixing is None else self.mixing.inverse(z)
 
     def inverse(self, z: Tensor, cache: KVCache) -> Tensor:
-        """Z^t -> Z^{t-1}, sequential over tokens; ``cache`` is reset and refilled by this call."""
+        """Z^t -> Z^{t-1}, sequential over tokens; ``cache`` is reset and refilled by this call.
+
+        Hand-unrolled fast path: the mirror of the reference :meth:`affine_params` (one token at a time, through
+        :meth:`farmer.nn.Decoder.step`) followed by the inverse of :meth:`forward_tokens`' affine map; change one,
+        change both. tests/test_invertible.py (the flow-block and flow-exact cases: inverse ∘ forward = identity
+        in fp64) and tests/test_flow.py::test_inverse_recovers_tokens hold them equal."""
         y = self.permute(at_least_fp32(z))
         x = torch.empty_like(y)
         x[:, 0] = y[:, 0]

@@ -12,9 +12,8 @@ Both implement :class:`Guidance`, the one interface the AR prior samples through
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +86,9 @@ class Guidance(Protocol):
 @dataclass
 class RedundantPoolStats:
     """Diversity of the redundant candidate pools, appended as they are drawn when a caller asks for it by
-    passing one as ``ResamplingGuidance.stats``. Each entry is (B,): per image for the shared mixture's one
-    pool (N draws), per image and token for per-token mixtures (one draw from s_c + s_u candidates)."""
+    sampling with a :class:`RecordingGuidance` that holds one. Each entry is (B,): per image for the shared
+    mixture's one pool (N draws), per image and token for per-token mixtures (one draw from s_c + s_u
+    candidates)."""
 
     ess: list[Tensor] = field(default_factory=list)  # effective sample size of each pool
     distinct: list[Tensor] = field(default_factory=list)  # distinct candidates among a shared pool's N draws
@@ -121,8 +121,6 @@ class ResamplingGuidance:
     # How the N redundant vectors of an image are drawn from its one pool: i.i.d. by the resampling
     # probabilities (Algorithm 1), or N distinct candidates (Gumbel-top-k on the same log-weights).
     redundant_draw: RedundantDraw = "with_replacement"
-    # Not a knob: where the shared pool's diversity is recorded, when a caller wants it.
-    stats: RedundantPoolStats | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_scale(self.scale)
@@ -159,15 +157,34 @@ class ResamplingGuidance:
     def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture, generator: torch.Generator | None) -> Tensor:
         return resampling_cfg_sample(cond, uncond, self, generator)
 
-    def draw_redundant(self, cond: DiagonalMixture, uncond: DiagonalMixture,
-                       generator: torch.Generator | None) -> Tensor:
-        return resampling_cfg_sample(cond, uncond, self, generator, record=True)
+    draw_redundant = draw_token  # a RecordingGuidance watches the redundant pools
 
     def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
                     generator: torch.Generator | None) -> Tensor:
         # One larger pool per image, an index resampled per token (docs/guidance.md, "Diversity of the shared
         # redundant pool").
         return resampling_cfg_sample_shared(cond, uncond, num_tokens, self, generator)
+
+
+@dataclass(frozen=True)
+class RecordingGuidance:
+    """Resampling CFG by ``method`` that records the diversity of its redundant pools in ``stats`` (docs/guidance.md):
+    a Guidance, passed wherever one goes, e.g. ``SamplingOptions(guidance=RecordingGuidance(method, stats))``. The
+    knobs stay a plain value (``method``); the recorder is this separate object. Recording changes no draw."""
+
+    method: ResamplingGuidance
+    stats: RedundantPoolStats = field(default_factory=RedundantPoolStats)
+
+    def draw_token(self, cond: DiagonalMixture, uncond: DiagonalMixture, generator: torch.Generator | None) -> Tensor:
+        return resampling_cfg_sample(cond, uncond, self.method, generator)
+
+    def draw_redundant(self, cond: DiagonalMixture, uncond: DiagonalMixture,
+                       generator: torch.Generator | None) -> Tensor:
+        return resampling_cfg_sample(cond, uncond, self.method, generator, self.stats)
+
+    def draw_shared(self, cond: DiagonalMixture, uncond: DiagonalMixture, num_tokens: int,
+                    generator: torch.Generator | None) -> Tensor:
+        return resampling_cfg_sample_shared(cond, uncond, num_tokens, self.method, generator, self.stats)
 
 
 @dataclass(frozen=True)
@@ -285,11 +302,11 @@ def _resample(
     g: ResamplingGuidance,
     generator: torch.Generator | None,
     distinct: bool = False,
-    record: bool = False,
+    stats: RedundantPoolStats | None = None,
 ) -> Tensor:
     """Algorithm 1 on one pool per batch element: (*batch, num_draws, D), drawn with replacement, or as
-    num_draws distinct candidates when ``distinct``. ``record``: a redundant pool, whose diversity goes to
-    ``g.stats`` when it is set."""
+    num_draws distinct candidates when ``distinct``. ``stats``, when given, records the pool's diversity
+    (a redundant pool's, :class:`RecordingGuidance`)."""
     _check_pair(cond, uncond)
     logits, params = _joint(cond, uncond)
     # 1. Propose from the proposal-tempered mixtures.
@@ -319,12 +336,12 @@ def _resample(
         pick = _distinct_picks(log_w, num_draws, generator)  # (rows, num_draws)
     else:  # Gumbel-max: num_draws i.i.d. indices from softmax(log_w), without multinomial's per-call checks
         pick = pick_components(log_w[:, None, :], gumbel_noise((rows, num_draws, pool_size), generator, log_w.device))
-    if record and g.stats is not None:
-        g.stats.pool_size = pool_size
-        g.stats.ess.append(effective_sample_size(torch.softmax(log_w, dim=-1)).reshape(cond.batch_shape))
+    if stats is not None:
+        stats.pool_size = pool_size
+        stats.ess.append(effective_sample_size(torch.softmax(log_w, dim=-1)).reshape(cond.batch_shape))
         if num_draws > 1:
             distinct_picks = (pick.sort(dim=-1).values.diff(dim=-1) != 0).sum(dim=-1) + 1
-            g.stats.distinct.append(distinct_picks.reshape(cond.batch_shape))
+            stats.distinct.append(distinct_picks.reshape(cond.batch_shape))
     candidates = pool.reshape(pool_size, rows, d).transpose(0, 1)  # (rows, P, D)
     drawn = candidates.gather(1, pick.unsqueeze(-1).expand(rows, num_draws, d))
     return drawn.reshape(*cond.batch_shape, num_draws, d)
@@ -345,15 +362,15 @@ def resampling_cfg_sample(
     uncond: DiagonalMixture,
     g: ResamplingGuidance,
     generator: torch.Generator | None = None,
-    record: bool = False,
+    stats: RedundantPoolStats | None = None,
 ) -> Tensor:
     """Resampling CFG (supplementary §8, Algorithm 1): one draw per batch element, (*batch, D).
 
     A pool of s_c candidates from p_c and s_u from p_u per element, weighted towards p' and resampled once.
-    ``record``: the pools are redundant ones, recorded in ``g.stats`` when it is set.
+    ``stats``, when given, records the pools' diversity.
     """
     return _resample(cond, uncond, g.cond_candidates, g.uncond_candidates, 1, g, generator,
-                     record=record).squeeze(-2)
+                     stats=stats).squeeze(-2)
 
 
 def resampling_cfg_sample_shared(
@@ -362,12 +379,13 @@ def resampling_cfg_sample_shared(
     num_tokens: int,
     g: ResamplingGuidance,
     generator: torch.Generator | None = None,
+    stats: RedundantPoolStats | None = None,
 ) -> Tensor:
     """Resampling CFG for the shared redundant mixture (Algorithm 1, step 3): one pool per image (batch
     (B,)), then an index resampled for each of the num_tokens tokens -> (B, num_tokens, D).
 
     Pool per branch: g.redundant_pool candidates, or s_c·num_tokens and s_u·num_tokens when it is None.
-    ``g.redundant_draw`` says whether tokens may share a candidate; ``g.stats``, if set, records the pool's
+    ``g.redundant_draw`` says whether tokens may share a candidate; ``stats``, when given, records the pool's
     effective sample size and the number of distinct candidates drawn.
     """
     if num_tokens < 1:
@@ -383,7 +401,7 @@ def resampling_cfg_sample_shared(
             f"drawing {num_tokens} distinct redundant vectors needs a pool of at least as many "
             f"candidates, got {num_cond + num_uncond}"
         )
-    return _resample(cond, uncond, num_cond, num_uncond, num_tokens, g, generator, distinct, record=True)
+    return _resample(cond, uncond, num_cond, num_uncond, num_tokens, g, generator, distinct, stats)
 
 
 def naive_cfg_sample(
@@ -417,40 +435,3 @@ def naive_cfg_sample(
     mean = mu_c + (w * prec_u * (mu_c - mu_u) / precision).clamp(-limit, limit)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + precision.rsqrt() * eps
-
-
-# Command-line options --------------------------------------------------------------------------------------
-# Fields that are not sampler knobs: the scale has its own flag (--guidance), stats is a recorder.
-_NOT_OPTIONS = ("scale", "stats")
-
-
-def guidance_options(kind: type[ResamplingGuidance] | type[NaiveGuidance], pairs: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings -> keyword arguments of ``kind``, each value converted to its field's type
-    (float, int, ``int | None`` with ``none``, or one of a Literal's choices). Range checks are the
-    dataclass's own, when it is built."""
-    hints = get_type_hints(kind)
-    knobs = {f.name: hints[f.name] for f in fields(kind) if f.name not in _NOT_OPTIONS}
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep:
-            raise ValueError(f"--cfg-option takes KEY=VALUE, got {pair!r}")
-        if key not in knobs:
-            raise ValueError(f"unknown {kind.__name__} option {key!r}; known: {', '.join(knobs)}")
-        options[key] = _convert(key, knobs[key], text.strip())
-    return options
-
-
-def _convert(key: str, hint: Any, text: str) -> Any:
-    if get_origin(hint) is Literal:
-        if text not in get_args(hint):
-            raise ValueError(f"option {key} must be one of {', '.join(get_args(hint))}, got {text!r}")
-        return text
-    kinds = [t for t in (get_args(hint) or (hint,)) if t is not type(None)]
-    if len(kinds) < len(get_args(hint)) and text.lower() == "none":
-        return None
-    try:
-        return kinds[0](text)
-    except ValueError:
-        raise ValueError(f"option {key} expects {kinds[0].__name__}, got {text!r}") from None

@@ -86,6 +86,16 @@ def pick_components(logits: Tensor, gumbel: Tensor) -> Tensor:
     return (logits + gumbel).argmax(dim=-1)
 
 
+
+def decoupled_knobs(variance_scale: float = 1.0, temperature: float = 1.0) -> tuple[float, float]:
+    """Decoupled unguided sampling (supplementary §7; paper: s = 0.9, T = 1.3) as (divisor of the logits, factor
+    on every std) of :meth:`DiagonalMixture.tempered`: T divides the weight logits (T > 1 diversifies) and s
+    multiplies the Gaussian VARIANCE (s < 1 sharpens), so the std by √s. The one definition of the two knobs:
+    the sampler applies them to its noise (``ARPrior.sampling_noise``), the tests to the mixtures."""
+    _check_positive("variance_scale", variance_scale)
+    _check_positive("temperature", temperature)
+    return temperature, math.sqrt(variance_scale)
+
 @dataclass(frozen=True, eq=False)
 class DiagonalMixture:
     """A batch of K-component diagonal Gaussian mixtures over D dims.
@@ -211,12 +221,6 @@ class DiagonalMixture:
         scales = self.scales if std_scale == 1 else self.scales * std_scale
         return DiagonalMixture._derived(logits, self.means, scales)
 
-    def decoupled(self, variance_scale: float = 1.0, temperature: float = 1.0) -> DiagonalMixture:
-        """Decoupled unguided sampling (supplementary §7): the Gaussian VARIANCE times s (s < 1 sharpens),
-        the weight logits divided by T (T > 1 diversifies); paper: s = 0.9, T = 1.3."""
-        _check_positive("variance_scale", variance_scale)
-        return self.tempered(temperature, math.sqrt(variance_scale))
-
     # Batch manipulation ------------------------------------------------------------------------------
     def __getitem__(self, idx: object) -> DiagonalMixture:
         """Index the batch dims only (ints, slices, None, index tensors); K and D are never indexed."""
@@ -312,12 +316,13 @@ class MixtureHead(nn.Module):
         return mean + (self.min_scale + F.softplus(raw_scale)) * eps
 
     def _project(self, h: Tensor) -> Tensor:
-        """The fp32 output row [K logits | K·dim means | K·dim raw scales] of h (*batch, width)."""
+        """The output row [K logits | K·dim means | K·dim raw scales] of h (*batch, width), at least fp32."""
         if h.ndim < 1 or h.shape[-1] != self.width:
             raise ValueError(f"h must be (*batch, {self.width}), got shape {tuple(h.shape)}")
-        # fp32 even under autocast: bf16 would quantise the means to ~3 significant digits, coarser than the
-        # small scales the mixtures learn; the head is one small matmul (docs/method.md §4). Entering the
-        # autocast context costs as much as that matmul, so it is entered only where autocast is on.
-        device = h.device.type
+        # At least fp32 even under autocast (the model's dtype where wider: fp64 checks stay exact): bf16 would
+        # quantise the means to ~3 significant digits, coarser than the small scales the mixtures learn; the head
+        # is one small matmul (docs/method.md §4). Entering the autocast context costs as much as that matmul, so
+        # it is entered only where autocast is on.
+        device, dtype = h.device.type, torch.promote_types(self.proj.weight.dtype, torch.float32)
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            return F.linear(h.float(), self.proj.weight.float(), self.proj.bias.float())
+            return F.linear(h.to(dtype), self.proj.weight.to(dtype), self.proj.bias.to(dtype))

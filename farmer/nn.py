@@ -214,7 +214,12 @@ class Decoder:
 
     @torch.no_grad()
     def step(self, x: Tensor, cache: KVCache) -> Tensor:
-        """x (B, width), the next position's input -> its output (B, width); advances the cache by one."""
+        """x (B, width), the next position's input -> its output (B, width); advances the cache by one.
+
+        Hand-unrolled fast path: the mirror of the reference ``Transformer.forward(x[:, None], cache=cache)[:, 0]``
+        (its ``Block.forward`` layer by layer: pre-norm attention over the cache, then the pre-norm MLP); change
+        one, change both. tests/test_prior.py::test_cached_pass_equals_parallel_pass holds them equal (and
+        tests/test_flow.py's inverse tests through :meth:`farmer.flow.FlowBlock.inverse`)."""
         b, w = x.shape
         heads, shape, eps, pos = self.heads, self.norm_shape, self.eps, cache.length
         for d, kv in zip(self.layers, cache.kv, strict=True):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from farmer.config import FarmerConfig
 from farmer.guidance import Guidance
-from farmer.mixture import LOG_2PI, DiagonalMixture, MixtureHead, gumbel_noise
+from farmer.mixture import LOG_2PI, DiagonalMixture, MixtureHead, decoupled_knobs, gumbel_noise
 from farmer.nn import Transformer
 
 
@@ -90,7 +90,7 @@ class ARPrior(nn.Module):
         argmax(logits/T + G) = argmax(logits + T·G) and √s·σ·ε = σ·(√s·ε) (:meth:`DiagonalMixture.sample_with`)."""
         n = self.num_tokens
         redundant_components = 0 if self.redundant_head is None else self.redundant_head.components
-        std = math.sqrt(variance_scale)
+        temperature, std = decoupled_knobs(variance_scale, temperature)
         return SamplingNoise(
             gumbel_noise((n, batch, self.informative_head.components), generator, device) * temperature,
             torch.randn(n, batch, self.informative_dim, generator=generator, device=device) * std,

@@ -10,13 +10,17 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from farmer.guidance import Guidance, NaiveGuidance, ResamplingGuidance, guidance_options
+from farmer.config import parse_assignments
+from farmer.guidance import Guidance, NaiveGuidance, ResamplingGuidance
+from farmer.images import save_grid
+from farmer.pixels import model_to_pixels
 
 if TYPE_CHECKING:
     from farmer.model import Farmer
@@ -32,7 +36,8 @@ def make_guidance(method: str, scale: float, options: Sequence[str] = ()) -> Res
     if method not in GUIDANCE_METHODS:
         raise ValueError(f"guidance method must be one of {', '.join(GUIDANCE_METHODS)}, got {method!r}")
     kind = GUIDANCE_METHODS[method]
-    return kind(scale=scale, **guidance_options(kind, options))
+    # --guidance sets the scale; every other field is a knob.
+    return kind(scale=scale, **parse_assignments(kind, options, "--cfg-option", exclude=("scale",)))
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,18 @@ def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -
 
 
 DEFAULT_SAMPLING = SamplingOptions()  # frozen, so one shared default is safe
+
+
+def sample_grid(model: Farmer, path: Path, per_class: int = 8,
+                options: SamplingOptions = DEFAULT_SAMPLING) -> Path:
+    """A PNG grid of samples: one row per class (or 8 rows unconditional), one batch seeded by ``options.seed``."""
+    cfg = model.config
+    rows = min(cfg.num_classes, 10) if cfg.conditional else 8
+    labels = torch.arange(rows).repeat_interleave(per_class) if cfg.conditional else None
+    device = model.device
+    images = options.sample(model, rows * per_class, None if labels is None else labels.to(device),
+                            batch_generator(options.seed, 0, device))
+    return save_grid(model_to_pixels(images), path, nrow=per_class, scale=2)
 
 
 def _quoted(text: str, limit: int = 40) -> str:

@@ -56,11 +56,10 @@ from farmer.distributed import (
     sharded_state,
     wrap_distributed,
 )
-from farmer.images import save_grid
 from farmer.io import FarmerError, count_parameters, write_atomic
 from farmer.model import Farmer
 from farmer.objective import LikelihoodObjective, Objective
-from farmer.pixels import dequantize, gaussian_noise_std, model_to_pixels
+from farmer.pixels import dequantize, gaussian_noise_std
 from farmer.precision import PRECISIONS, autocast, autocast_dtype, describe
 from farmer.pretrained import (
     CONFIG,
@@ -73,7 +72,7 @@ from farmer.pretrained import (
     read_config,
     resolve_checkpoint,
 )
-from farmer.sampling import DEFAULT_SAMPLING, SamplingOptions, batch_generator
+from farmer.sampling import SamplingOptions, sample_grid
 from farmer.tracking import MetricsMirror, open_mirror
 
 
@@ -253,21 +252,11 @@ def loader_workers(cfg: TrainConfig) -> int:
     return max(0, min(8, per_rank - 1))
 
 
-# Evaluation ----------------------------------------------------------------------------------------
-def sample_grid(model: Farmer, path: Path, per_class: int = 8,
-                options: SamplingOptions = DEFAULT_SAMPLING) -> Path:
-    """A PNG grid of samples: one row per class (or 8 rows unconditional), one batch seeded by ``options.seed``."""
-    cfg = model.config
-    rows = min(cfg.num_classes, 10) if cfg.conditional else 8
-    labels = torch.arange(rows).repeat_interleave(per_class) if cfg.conditional else None
-    device = model.device
-    images = options.sample(model, rows * per_class, None if labels is None else labels.to(device),
-                            batch_generator(options.seed, 0, device))
-    return save_grid(model_to_pixels(images), path, nrow=per_class, scale=2)
-
-
 # Training ------------------------------------------------------------------------------------------
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The trainer's optimizer: AdamW at ``cfg``'s learning rate, betas and weight decay over ``model``'s
+    trainable parameters (matrices and embeddings decayed; biases and norm gains not). Under FSDP, build it
+    after wrapping: FSDP replaces the parameters with sharded ones."""
     # Decay matrices and embeddings; not biases and norm gains (nanoGPT's split). The learned channel mixing
     # (farmer.channels.ChannelMixing, docs/method.md §10) is decayed too, on purpose: its L and U factors are
     # matrices and shrink toward W = diag(s), the identity it starts from, never toward a singular W, since log s
@@ -275,14 +264,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     # stays.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """The trainer's optimizer: AdamW at ``cfg``'s learning rate, betas and weight decay over ``model``'s
-    trainable parameters (matrices and embeddings decayed; biases and norm gains not). Under FSDP, build it
-    after wrapping: FSDP replaces the parameters with sharded ones."""
-    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def make_ema(model: nn.Module) -> nn.Module:

@@ -43,22 +43,6 @@ def test_new_blocks_start_as_identity() -> None:
     torch.testing.assert_close(logdet, torch.zeros(tokens.shape[0]))
 
 
-@pytest.mark.parametrize("mixing", [False, True], ids=["plain", "mixing"])
-def test_logdet_matches_autograd_jacobian(mixing: bool) -> None:
-    config = small_config(flow_blocks=3, channel_mixing=mixing)
-    flow = random_flow(config, std=0.2).double()  # fp64 so the reference Jacobian is exact to ~1e-12
-    tokens = random_tokens(config, batch=2).double()
-    _, logdet = flow(tokens)
-    for b in range(tokens.shape[0]):
-        def f(t: torch.Tensor) -> torch.Tensor:
-            return flow(t.view(1, *tokens.shape[1:]))[0].flatten()
-
-        jac = torch.autograd.functional.jacobian(f, tokens[b].flatten())
-        _, expected = torch.linalg.slogdet(jac.double())
-        assert abs(logdet[b].item() - expected.item()) <= 1e-4
-        assert abs(expected.item()) > 0.1, "a trivial Jacobian would not test anything"
-
-
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("mixing", [False, True], ids=["plain", "mixing"])
 def test_per_token_logdets_are_the_jacobians_diagonal_blocks(flip: bool, mixing: bool) -> None:

@@ -14,17 +14,18 @@ from scipy import stats
 from farmer.guidance import (
     _DIRECT_POOL_ELEMENTS,
     NaiveGuidance,
+    RecordingGuidance,
     RedundantPoolStats,
     ResamplingGuidance,
     _distinct_picks,
     effective_sample_size,
-    guidance_options,
     naive_cfg_sample,
     resampling_cfg_sample,
     resampling_cfg_sample_shared,
 )
 from farmer.mixture import DiagonalMixture
 from farmer.prior import ARPrior
+from farmer.sampling import make_guidance
 
 # (temperature_convention, std_convention, redundant_draw) of ResamplingGuidance(), chosen by measurement.
 DEFAULT_READINGS = ("divide", "std", "with_replacement")
@@ -394,29 +395,26 @@ def test_proposals_are_tempered_by_the_std_convention(std_convention: str, varia
 
 
 def test_guidance_options_are_typed_by_the_dataclass_fields() -> None:
-    options = guidance_options(
-        ResamplingGuidance,
-        ["eval_weight_temperature=0.5", "cond-candidates=3", "redundant_pool=none", "std_convention=variance"],
-    )
-    assert options == dict(
-        eval_weight_temperature=0.5, cond_candidates=3, redundant_pool=None, std_convention="variance"
-    )
-    assert isinstance(options["eval_weight_temperature"], float)
-    assert guidance_options(ResamplingGuidance, ["redundant_pool=64"]) == dict(redundant_pool=64)
-    assert guidance_options(NaiveGuidance, ["max_mean_shift=2"]) == dict(max_mean_shift=2.0)
+    """--cfg-option KEY=VALUE goes through the one KEY=VALUE parser (farmer.config.parse_assignments)."""
+    g = make_guidance("resampling", 2.0, ["eval_weight_temperature=0.5", "cond-candidates=3", "redundant_pool=none",
+                                          "std_convention=variance"])
+    assert g == ResamplingGuidance(scale=2.0, eval_weight_temperature=0.5, cond_candidates=3, redundant_pool=None,
+                                   std_convention="variance")
+    assert isinstance(g.eval_weight_temperature, float)
+    assert make_guidance("resampling", 2.0, ["redundant_pool=64"]).redundant_pool == 64
+    assert make_guidance("naive", 2.0, ["max_mean_shift=2"]) == NaiveGuidance(scale=2.0, max_mean_shift=2.0)
     for pairs, message in (
-        (["bogus=1"], "unknown ResamplingGuidance option 'bogus'"),
-        (["scale=2"], "unknown ResamplingGuidance option 'scale'"),  # --guidance sets the scale
-        (["stats=1"], "unknown"),
+        (["bogus=1"], "unknown ResamplingGuidance field 'bogus'"),
+        (["scale=2"], "unknown ResamplingGuidance field 'scale'"),  # --guidance sets the scale
         (["cond_candidates=2.5"], "cond_candidates"),
         (["eval_std_scale=hot"], "eval_std_scale"),
         (["temperature_convention=square"], "divide, multiply"),
         (["resample_temperature"], "KEY=VALUE"),
     ):
         with pytest.raises(ValueError, match=message):
-            guidance_options(ResamplingGuidance, pairs)
-    with pytest.raises(ValueError, match="unknown NaiveGuidance option 'cond_candidates'"):
-        guidance_options(NaiveGuidance, ["cond_candidates=3"])
+            make_guidance("resampling", 2.0, pairs)
+    with pytest.raises(ValueError, match="unknown NaiveGuidance field 'cond_candidates'"):
+        make_guidance("naive", 2.0, ["cond_candidates=3"])
 
 
 def test_cli_rejects_a_bad_guidance_option(capsys: pytest.CaptureFixture[str]) -> None:
@@ -424,7 +422,8 @@ def test_cli_rejects_a_bad_guidance_option(capsys: pytest.CaptureFixture[str]) -
 
     assert main(["sample", "--n", "1", "--guidance", "2.5", "--cfg-option", "eval_std_scale=-1"]) == 2
     assert "eval_std_scale must be a finite number > 0" in capsys.readouterr().err
-    assert main(["sample", "--n", "1", "--cfg-option", "eval_std_scale=0.5"]) == 2
+    # A bare `farmer sample` is guided (the README's grid); --cfg none turns guidance off, and its knobs with it.
+    assert main(["sample", "--n", "1", "--cfg", "none", "--cfg-option", "eval_std_scale=0.5"]) == 2
     assert "--cfg-option needs guidance" in capsys.readouterr().err
 
 
@@ -444,8 +443,8 @@ def issue_case(seed: int) -> tuple[DiagonalMixture, DiagonalMixture]:
 def test_shared_pool_with_replacement_repeats_candidates_and_records_them() -> None:
     pool_stats, tokens = RedundantPoolStats(), 256
     cond, uncond = issue_case(17)
-    g = ResamplingGuidance(redundant_draw="with_replacement", stats=pool_stats)
-    out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18))
+    g = ResamplingGuidance(redundant_draw="with_replacement")
+    out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18), pool_stats)
     (ess,), (distinct,) = pool_stats.ess, pool_stats.distinct
     assert ess.shape == distinct.shape == (2,)
     for image, n_distinct, n_eff in zip(out, distinct, ess, strict=True):
@@ -453,7 +452,7 @@ def test_shared_pool_with_replacement_repeats_candidates_and_records_them() -> N
         assert 1 <= n_eff < tokens / 4
     # Recording changes nothing about the draws.
     torch.testing.assert_close(
-        out, resampling_cfg_sample_shared(cond, uncond, tokens, dataclasses.replace(g, stats=None), gen(18))
+        out, resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18))
     )
 
 
@@ -477,8 +476,8 @@ def test_the_recorder_sees_only_redundant_pools(redundant_mixture: str) -> None:
     torch.manual_seed(0)
     prior = randomize(ARPrior(small_config(redundant_mixture=redundant_mixture))).eval()
     labels, pool_stats = torch.tensor([1, 4, 9]), RedundantPoolStats()
-    g = ResamplingGuidance(stats=pool_stats)
-    latents = prior.sample(labels, gen(3), g)
+    g = ResamplingGuidance()
+    latents = prior.sample(labels, gen(3), RecordingGuidance(g, pool_stats))
     per_token, pool = redundant_mixture == "per_token", g.cond_candidates + g.uncond_candidates
     # One pool per image and token (per-token mixtures), or one per image of (s_c + s_u)·N candidates.
     assert len(pool_stats.ess) == (prior.num_tokens if per_token else 1)
@@ -488,15 +487,15 @@ def test_the_recorder_sees_only_redundant_pools(redundant_mixture: str) -> None:
         assert ess.shape == (3,) and (ess >= 1 - 1e-5).all()
         assert (ess <= pool_stats.pool_size + 1e-4).all()
     # Recording changes nothing about the draws.
-    for a, b in zip(latents, prior.sample(labels, gen(3), dataclasses.replace(g, stats=None)), strict=True):
+    for a, b in zip(latents, prior.sample(labels, gen(3), g), strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_shared_pool_without_replacement_draws_distinct_candidates() -> None:
     tokens, pool_stats = 256, RedundantPoolStats()
     cond, uncond = issue_case(17)
-    g = ResamplingGuidance(redundant_draw="without_replacement", stats=pool_stats)
-    out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18))
+    g = ResamplingGuidance(redundant_draw="without_replacement")
+    out = resampling_cfg_sample_shared(cond, uncond, tokens, g, gen(18), pool_stats)
     assert out.shape == (2, tokens, 640)
     for image in out:
         assert len(torch.unique(image, dim=0)) == tokens

@@ -126,3 +126,12 @@ def test_a_new_student_starts_close_to_its_teachers_inverse() -> None:
     miss, moved = (student - exact).norm(), (z - exact).norm()
     assert moved > 0.5, "the teacher must move its tokens for the comparison to mean anything"
     assert miss < 0.5 * moved, (miss, moved)
+
+
+def test_an_fp64_model_computes_its_likelihood_in_fp64() -> None:
+    """The DCT basis and the mixture heads follow the model's dtype (never below fp32), so fp64 checks are exact."""
+    model = Farmer(small_config(patch_transform="dct", patch_size=4)).double()
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    informative, _, _ = model.encode(x)
+    mixture, _ = model.prior(informative, torch.tensor([1, 2]))
+    assert model.patch_basis.dtype == mixture.means.dtype == model.log_prob(x).dtype == torch.float64

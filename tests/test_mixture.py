@@ -11,7 +11,7 @@ from scipy import stats
 from scipy.special import logsumexp
 
 import farmer.mixture as mixture_module
-from farmer.mixture import DiagonalMixture, MixtureHead
+from farmer.mixture import DiagonalMixture, MixtureHead, decoupled_knobs
 
 
 def make_mixture(logits, means, scales) -> DiagonalMixture:
@@ -355,10 +355,11 @@ def test_std_scale_and_decoupled_variance_scale() -> None:
     x = mix.tempered(std_scale=0.5).sample((n,), torch.Generator().manual_seed(4))
     assert abs(x.var().item() / 1.0 - 1) < 5 * se  # std × 0.5 -> var × 0.25
     # Decoupled sampling (supplementary §7): s multiplies the VARIANCE, T divides the logits.
-    y = mix.decoupled(variance_scale=0.5, temperature=1.3).sample((n,), torch.Generator().manual_seed(5))
+    y = mix.tempered(*decoupled_knobs(variance_scale=0.5, temperature=1.3))
+    y = y.sample((n,), torch.Generator().manual_seed(5))
     assert abs(y.var().item() / 2.0 - 1) < 5 * se
     wide = random_mixture((2,), k=3, d=2)
-    dec = wide.decoupled(variance_scale=0.81, temperature=1.3)
+    dec = wide.tempered(*decoupled_knobs(variance_scale=0.81, temperature=1.3))
     torch.testing.assert_close(dec.logits, wide.logits / 1.3)
     torch.testing.assert_close(dec.scales, wide.scales * 0.9)
     torch.testing.assert_close(dec.means, wide.means)
@@ -451,7 +452,7 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match="std_scale"):
         mix.tempered(std_scale=-1.0)
     with pytest.raises(ValueError, match="variance_scale"):
-        mix.decoupled(variance_scale=float("nan"))
+        decoupled_knobs(variance_scale=float("nan"))
     with pytest.raises(ValueError, match="sample_shape"):
         mix.sample((-1,))
     with pytest.raises(IndexError, match="Ellipsis"):

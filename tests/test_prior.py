@@ -7,6 +7,7 @@ import torch
 from helpers import randomize, small_config
 
 from farmer.guidance import ResamplingGuidance
+from farmer.mixture import decoupled_knobs
 from farmer.prior import ARPrior
 
 
@@ -89,12 +90,13 @@ def _reference_sample(prior: ARPrior, labels: torch.Tensor, seed: int, variance_
     """Token by token without a cache: rerun the whole sequence each step and draw each token from the
     decoupled mixture (supplementary §7) with the noise the sampler draws up front."""
     noise = prior.sampling_noise(labels.shape[0], torch.Generator().manual_seed(seed))
+    knobs = decoupled_knobs(variance_scale, temperature)
     zi = torch.zeros(labels.shape[0], prior.num_tokens, prior.informative_dim)
     for i in range(prior.num_tokens):
         mix, _ = prior(zi, labels)
-        zi[:, i] = mix[:, i].decoupled(variance_scale, temperature).sample_with(*noise.informative(i))
+        zi[:, i] = mix[:, i].tempered(*knobs).sample_with(*noise.informative(i))
     _, red = prior(zi, labels)
-    zr = red.decoupled(variance_scale, temperature).sample_with(noise.redundant_gumbel, noise.redundant_eps)
+    zr = red.tempered(*knobs).sample_with(noise.redundant_gumbel, noise.redundant_eps)
     return zi, zr.transpose(0, 1)
 
 
