@@ -14,7 +14,7 @@ from farmer.train import MetricsLog
 def test_jsonl_needs_no_mirror_and_a_missing_tensorboard_names_the_extra(tmp_path, monkeypatch) -> None:
     assert open_mirror("jsonl", tmp_path, 0) is None
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ImportError, match=r"farmer\[tensorboard\]"):
+    with pytest.raises(ImportError, match=r"farmer-flow\[tensorboard\]"):
         open_mirror("tensorboard", tmp_path, 0)
 
 
