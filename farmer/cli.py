@@ -564,18 +564,16 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-
     check_output_path(args.out, "--out", "directory")
     checkpoint = checkpoint_path(args)
     result = analysis.run_analysis(args.name, checkpoint, args.out, data=args.data, num_images=args.num_images,
-                          from_samples=args.from_samples, n_per_cell=args.n_per_cell, seed=args.seed,
-                          device=args.device)
+                                   from_samples=args.from_samples, n_per_cell=args.n_per_cell, seed=args.seed,
+                                   device=args.device)
     print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    demo.serve(checkpoint_path(args), args.host, args.port,
-          args.device or "cpu")
+    demo.serve(checkpoint_path(args), args.host, args.port, str(args.device or default_device()))
 
 
 CHECKPOINT_HELP = "run or step directory, or a shipped model's name (default: the shipped mnist)"
