@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,13 +49,7 @@ def tiny_train(**changes: Any) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # These models are tiny: on a shared 2-core machine a second intra-op thread mostly waits (~5× slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(model_config: FarmerConfig, cfg: TrainConfig, out: Path, stop_at: int | None = None) -> dict[str, Any]:
