@@ -133,13 +133,14 @@ class FlowBlock(nn.Module):
         cache.length = 0
         decoder = self.transformer.decoder(self.proj_in, self.pos)
         out_weight, out_bias = transposed_weights(self.proj_out)
-        device = y.device.type
-        # affine_params one token at a time through the Decoder's lean step, under the same precision policy.
+        # affine_params one token at a time through the Decoder's lean step, under the same precision policy. One
+        # context object, re-entered at every token: the autocast state is read once per block, not per token.
+        exact = full_precision(y.device.type)
         for i in range(1, y.shape[1]):
-            with full_precision(device):
+            with exact:
                 h = decoder.embed(x[:, i - 1], i - 1)
             h = decoder.step(h, cache)
-            with full_precision(device):
+            with exact:
                 mu, log_scale = self._bounded(torch.addmm(out_bias, at_least_fp32(h), out_weight))
                 x[:, i] = torch.addcmul(mu, y[:, i], log_scale.neg_().exp_())
         return self.unmix(self.permute(x))

@@ -23,8 +23,6 @@ from farmer.mixture import DiagonalMixture, gumbel_noise, pick_components
 
 # Stand-in for ±inf log-weights: finite, so the softmax over a pool never sees inf − inf.
 _LOG_WEIGHT_BOUND = 1e30
-# Largest candidates × (2, *batch, K, D) pool whose log-densities are formed directly (see _pool_log_probs).
-_DIRECT_POOL_ELEMENTS = 1 << 16
 
 # How the weight temperatures T_π, T_π,v act on the logits, and how T_σ, T_σ,v act on a Gaussian
 # (docs/guidance.md, "Conventions").
@@ -275,22 +273,11 @@ def _propose(logits: Tensor, params: Tensor, num_cond: int, num_uncond: int, g: 
 
 def _pool_log_probs(logits: Tensor, params: Tensor, pool: Tensor, g: ResamplingGuidance) -> Tensor:
     """log p_c and log p_u of the eval-tempered mixtures (T_π,v, T_σ,v) at every candidate: pool (P, *batch, D)
-    -> (P, 2, *batch).
-
-    A small pool (the per-token pools of sampling) gets the mixtures broadcast to its shape, so that
-    ``DiagonalMixture.log_prob`` takes its direct form; a large one (the shared redundant pool) the fp64 expanded
-    form, which never holds the (P, 2, *batch, K, D) differences (docs/method.md §4). Measured on the CPU (10
-    candidates, K = 16, D = 8): the direct form 1.3× faster at batch 1 and 1.5× at batch 16, the expanded one 1.2×
-    faster from 164k elements (batch 32 at K = 32; batch 100)."""
+    -> (P, 2, *batch). ``DiagonalMixture.log_prob`` picks its form by size: direct for the small per-token pools,
+    the fp64 expansion for the shared redundant pool (docs/method.md §4)."""
     divisor, std_scale = g.temperings(g.eval_weight_temperature, g.eval_std_scale)
     mix = DiagonalMixture._derived(logits, params[:, 0], params[:, 1]).tempered(divisor, std_scale)
-    z = pool.unsqueeze(1)  # (P, 1, *batch, D)
-    if pool.shape[0] * mix.means.numel() > _DIRECT_POOL_ELEMENTS:
-        return mix.log_prob(z)
-    shape = (pool.shape[0], *mix.batch_shape)
-    broadcast = DiagonalMixture._derived(mix.logits.expand(*shape, -1), mix.means.expand(*shape, -1, -1),
-                                         mix.scales.expand(*shape, -1, -1))
-    return broadcast.log_prob(z.expand(*shape, -1))
+    return mix.log_prob(pool.unsqueeze(1))  # (P, 1, *batch, D)
 
 
 def _resample(

@@ -12,7 +12,6 @@ from helpers import randomize, small_config
 from scipy import stats
 
 from farmer.guidance import (
-    _DIRECT_POOL_ELEMENTS,
     NaiveGuidance,
     RecordingGuidance,
     RedundantPoolStats,
@@ -637,10 +636,6 @@ def unfused_resampling_draw(cond: DiagonalMixture, uncond: DiagonalMixture, g: R
     drawn = g.temper(both, g.proposal_weight_temperature, g.proposal_std_scale).sample((max(s_c, s_u),), generator)
     pool = torch.cat([drawn[:s_c, 0], drawn[:s_u, 1]])
     evaluate = g.temper(both, g.eval_weight_temperature, g.eval_std_scale)
-    shape = (pool.shape[0], *evaluate.batch_shape)
-    if math.prod(shape) * k * cond.dim <= _DIRECT_POOL_ELEMENTS:  # the direct form: mixtures broadcast to the pool
-        evaluate = DiagonalMixture(evaluate.logits.expand(*shape, -1), evaluate.means.expand(*shape, -1, -1),
-                                   evaluate.scales.expand(*shape, -1, -1))
     log_p = evaluate.log_prob(pool.unsqueeze(1))
     delta = log_p[:, 0] - log_p[:, 1]
     log_w = delta * g.scale

@@ -213,15 +213,18 @@ def test_squared_distances_gradients_equal_direct_form_on_per_token_shapes() -> 
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize(("shape", "expanded"), [("shared", True), ("pool", True), ("per_token", False)])
-def test_log_prob_expands_only_where_values_broadcast_over_mixtures(
-        shape: str, expanded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The memory fix itself: a mixture shared by many values must not go through (values, K, D) differences.
+@pytest.mark.parametrize(("shape", "k", "expanded"), [
+    ("shared", 64, True), ("pool", 64, True), ("per_token", 64, False), ("shared", 2, False), ("pool", 2, False),
+])
+def test_log_prob_expands_only_where_values_broadcast_over_mixtures_at_size(
+        shape: str, k: int, expanded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The memory fix itself: a mixture shared by many values must not go through a large (values, K, D) tensor of
+    # differences; small ones (a per-token guidance pool) are faster formed directly (mixture._DIRECT_ELEMENTS).
     calls = []
     original = mixture_module._squared_distances
     monkeypatch.setattr(mixture_module, "_squared_distances", lambda *a: calls.append(1) or original(*a))
     batch, z_shape = SHAPES[shape]
-    random_mixture(batch, k=2, d=3).log_prob(torch.zeros(*z_shape, 3))
+    random_mixture(batch, k=k, d=64).log_prob(torch.zeros(*z_shape, 64))
     assert bool(calls) == expanded
 
 
